@@ -1,0 +1,38 @@
+# PTB-XL ECG diagnosis with image models and compression. `make help` lists the targets.
+# Every target depends on the virtual environment, so on a fresh machine `make <anything>` just works.
+
+PYTHON        ?= .venv/bin/python
+PTBXL_DIR     ?=
+SAMPLING_RATE ?= 100
+PROFILE       ?= cpu
+ARTIFACTS     ?= $(CURDIR)/artifacts
+export ARTIFACTS PTBXL_DIR SAMPLING_RATE PROFILE
+
+VENV_STAMP := .venv/.installed
+
+.PHONY: help setup data test bench-data synth clean-artifacts
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
+
+setup: $(VENV_STAMP)  ## create .venv and install requirements.txt
+
+$(VENV_STAMP): requirements.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install -r requirements.txt
+	touch $@
+
+data: $(VENV_STAMP)  ## build the PTB-XL cache (PTBXL_DIR=folder|zip, else download; SAMPLING_RATE=100|500)
+	$(PYTHON) -m data_prep.build_cache
+
+synth: $(VENV_STAMP)  ## write a synthetic PTB-XL folder (RECORDS=200, OUT=artifacts/synth-ptbxl)
+	$(PYTHON) -m data_prep.synth --records $(or $(RECORDS),200) --out $(or $(OUT),$(ARTIFACTS)/synth-ptbxl)
+
+bench-data: $(VENV_STAMP)  ## benchmark make data vs a wfdb.rdsamp loop, and a full-size synthetic build
+	$(PYTHON) -m data_prep.benchmark
+
+test: $(VENV_STAMP)  ## run the test suite
+	$(PYTHON) -m pytest -q
+
+clean-artifacts:  ## delete everything under ARTIFACTS
+	rm -rf $(ARTIFACTS)

@@ -1,0 +1,311 @@
+"""`make data`: PTB-XL (a local folder, a zip, or a download) → one verified, memory-mappable cache.
+
+Every later stage reads only the cache (see shared/cache.py for its layout). Re-running with an
+unchanged source and options is a no-op; anything else rebuilds into a temporary folder that is
+renamed into place only when complete, so a killed run never leaves a cache a later stage accepts.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+# Knobs (overridable on the command line / through make variables).
+SAMPLING_RATE = 100
+TRAIN_FOLDS = "1-8"
+VAL_FOLDS = "9"
+TEST_FOLDS = "10"
+MAX_LISTED_PROBLEMS = 1000  # per-record problems listed in the manifest (all are counted)
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import cache as cache_fmt  # noqa: E402
+from shared.io import library_versions, read_json, sha256_file, write_json_atomic  # noqa: E402
+from shared.paths import data_cache_dir, download_dir  # noqa: E402
+
+
+class SourceError(RuntimeError):
+    pass
+
+
+def parse_folds(text: str) -> list[int]:
+    """'1-8' or '1,2,3' → [1, ..., 8]."""
+    folds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-")
+            folds.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            folds.append(int(part))
+    return folds
+
+
+# ---------------------------------------------------------------- source
+def resolve_source(ptbxl_dir: str | None, sampling_rate: int, base_url: str | None) -> Path:
+    """A PTB-XL folder to read: PTBXL_DIR as given, a zip extracted safely, or a verified download."""
+    from data_prep import download
+
+    if ptbxl_dir:
+        src = Path(ptbxl_dir).expanduser()
+        if not src.exists():
+            raise SourceError(f"{src}: PTBXL_DIR does not exist")
+        if src.is_file() and src.suffix == ".zip":
+            try:
+                return download.extract_zip_safely(src, download_dir().parent / f"extracted-{src.stem}")
+            except download.DownloadError as e:
+                raise SourceError(str(e)) from None
+        if not (src / "ptbxl_database.csv").exists():
+            raise SourceError(f"{src}: not a PTB-XL folder (ptbxl_database.csv missing)")
+        return src
+    dest = download_dir()
+    try:
+        return download.fetch_ptbxl(dest, sampling_rate, base_url=base_url or download.DEFAULT_BASE_URL)
+    except download.DownloadError as e:
+        raise SourceError(str(e)) from None
+
+
+def source_fingerprint(src: Path, sampling_rate: int, options: dict) -> str:
+    """Cheap identity of the source + options: csv bytes and (name, size, mtime) of every record file."""
+    h = hashlib.sha256()
+    h.update(repr(sorted(options.items())).encode())
+    h.update(f"format={cache_fmt.FORMAT_VERSION}".encode())
+    for name in ("ptbxl_database.csv", "scp_statements.csv"):
+        p = src / name
+        h.update(name.encode())
+        h.update(p.read_bytes() if p.exists() else b"<missing>")
+    records = src / f"records{sampling_rate}"
+    for dirpath, dirnames, filenames in os.walk(records):
+        dirnames.sort()
+        with os.scandir(dirpath) as it:
+            for entry in sorted(it, key=lambda e: e.name):
+                if entry.is_file():
+                    st = entry.stat()
+                    h.update(f"{dirpath}/{entry.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- npy writing without holding N×12×T in memory
+def _npy_header(shape: tuple, dtype: np.dtype, length: int | None = None) -> bytes:
+    """A .npy v1.0 header, padded to `length` bytes so a smaller N can be written over it in place."""
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    body = repr(d).encode("latin1")
+    total = length or ((10 + len(body) + 1 + 63) // 64) * 64 + 64  # room for N to shrink or grow a digit
+    pad = total - 10 - len(body) - 1
+    if pad < 0:
+        raise ValueError("npy header does not fit")
+    return b"\x93NUMPY\x01\x00" + (total - 10).to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+# ---------------------------------------------------------------- build
+def build(src: Path, out: Path, sampling_rate: int, folds: dict[str, list[int]], strict: bool,
+          fingerprint: str = "") -> dict:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from shared.labels import (CLASSES, DATABASE_COLUMNS, LabelError, diagnostic_classes, multi_hot,
+                               parse_scp_codes, read_statements)
+    from shared.records import LEADS, RecordError, read_record
+
+    t0 = time.time()
+    db_path, st_path = src / "ptbxl_database.csv", src / "scp_statements.csv"
+    if not db_path.exists():
+        raise SourceError(f"{db_path}: file not found")
+    try:
+        db = pd.read_csv(db_path)
+    except Exception as e:
+        raise SourceError(f"{db_path}: cannot parse csv ({e})") from None
+    missing = [c for c in DATABASE_COLUMNS if c not in db.columns]
+    if missing:
+        raise SourceError(f"{db_path}: missing column(s) {', '.join(missing)}")
+    try:
+        known_codes, diag_map = read_statements(st_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SourceError(str(e)) from None
+
+    fold_to_split = {f: s for s, fs in folds.items() for f in fs}
+    file_col = "filename_lr" if sampling_rate == 100 else "filename_hr"
+    n_samples = 10 * sampling_rate
+    problems: list[dict] = []
+    skipped: Counter = Counter()
+    warnings: list[str] = []
+    dropped_no_class = not_in_split = 0
+
+    def problem(ecg_id, kind, message):
+        if strict:
+            raise SourceError(f"{message} (ecg_id {ecg_id}; --strict)")
+        skipped[kind] += 1
+        if len(problems) < MAX_LISTED_PROBLEMS:
+            problems.append({"ecg_id": int(ecg_id), "kind": kind, "message": message})
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    delay = float(os.environ.get("DATA_PREP_TEST_DELAY_S", "0"))  # test-only: widens the kill window
+    rows, class_lists = [], []
+    mean_acc = np.zeros(len(LEADS)); sq_acc = np.zeros(len(LEADS)); n_train_values = 0
+    try:
+        header = _npy_header((len(db), len(LEADS), n_samples), np.float32)
+        with open(tmp / "signals.npy", "wb") as fsig:
+            fsig.write(header)
+            for rec in tqdm(db.itertuples(index=False), total=len(db), desc=f"records {sampling_rate} Hz",
+                            unit="rec", mininterval=0.5):
+                ecg_id = rec.ecg_id
+                split = fold_to_split.get(int(rec.strat_fold)) if pd.notna(rec.strat_fold) else None
+                if split is None:
+                    not_in_split += 1
+                    continue
+                try:
+                    classes = diagnostic_classes(parse_scp_codes(rec.scp_codes), known_codes, diag_map)
+                except LabelError as e:
+                    problem(ecg_id, "bad_scp_codes", f"{db_path} ecg_id {ecg_id}: {e}")
+                    continue
+                if not classes:
+                    dropped_no_class += 1
+                    continue
+                rel = getattr(rec, file_col)
+                if not isinstance(rel, str):
+                    problem(ecg_id, "missing_file", f"{db_path} ecg_id {ecg_id}: no {file_col}")
+                    continue
+                try:
+                    signal, _ = read_record(src / rel, expected_fs=sampling_rate)
+                except RecordError as e:
+                    problem(ecg_id, e.kind, str(e))
+                    continue
+                flat = np.ptp(signal, axis=1) == 0
+                if flat.any() and len(warnings) < MAX_LISTED_PROBLEMS:
+                    warnings.append(f"{src / rel}: flat lead(s) {', '.join(np.array(LEADS)[flat])} (kept)")
+                fsig.write(signal.tobytes())
+                if split == "train":
+                    s64 = signal.astype(np.float64)
+                    mean_acc += s64.sum(axis=1); sq_acc += (s64 ** 2).sum(axis=1); n_train_values += n_samples
+                rows.append({"ecg_id": int(ecg_id), "patient_id": rec.patient_id, "age": rec.age, "sex": rec.sex,
+                             "strat_fold": int(rec.strat_fold), "split": split, "labels": "|".join(classes)})
+                class_lists.append(classes)
+                if delay:
+                    time.sleep(delay)
+            n = len(rows)
+            fsig.seek(0)
+            fsig.write(_npy_header((n, len(LEADS), n_samples), np.float32, length=len(header)))
+            fsig.truncate(len(header) + n * len(LEADS) * n_samples * 4)
+        if n == 0:
+            raise SourceError(f"{src}: no usable records (skipped: {dict(skipped)}, no class: {dropped_no_class})")
+        if n_train_values == 0:
+            raise SourceError(f"{src}: no training records in folds {folds['train']}")
+        labels = multi_hot(class_lists)
+        np.save(tmp / "labels.npy", labels)
+        meta = pd.DataFrame(rows)
+        meta.to_csv(tmp / "meta.csv", index=False)
+        mean = mean_acc / n_train_values
+        std = np.sqrt(np.maximum(sq_acc / n_train_values - mean ** 2, 1e-12))
+        per_split = {}
+        for s in cache_fmt.SPLITS:
+            m = (meta["split"] == s).to_numpy()
+            per_split[s] = {"records": int(m.sum()), **{c: int(labels[m, i].sum()) for i, c in enumerate(CLASSES)}}
+        manifest = {
+            "format": cache_fmt.FORMAT, "format_version": cache_fmt.FORMAT_VERSION, "complete": True,
+            "created_unix": time.time(),
+            "source": {"path": str(src), "fingerprint": fingerprint, "database_sha256": sha256_file(db_path),
+                       "statements_sha256": sha256_file(st_path)},
+            "sampling_rate": sampling_rate, "n_samples": n_samples, "leads": list(LEADS), "classes": list(CLASSES),
+            "units": "mV", "folds": folds, "strict": strict,
+            "counts": {"records_in_database": len(db), "kept": n, "dropped_no_diagnostic_class": dropped_no_class,
+                       "not_in_any_split": not_in_split, "skipped": dict(skipped),
+                       "skipped_total": sum(skipped.values()), "per_split": per_split},
+            "problems": problems, "warnings": warnings,
+            "normalization": {"fitted_on": "train", "mean": mean.tolist(), "std": std.tolist()},
+            "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                      for name in ("signals.npy", "labels.npy", "meta.csv")},
+            "versions": library_versions(),
+            "build_seconds": round(time.time() - t0, 2),
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Leftovers of killed runs (their pid no longer alive) are deleted; they are never read."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.build_cache",
+        description="Build the PTB-XL cache (signals.npy, labels.npy, meta.csv, manifest.json) that every "
+                    "later stage reads. A no-op when the source and options are unchanged.")
+    ap.add_argument("--ptbxl-dir", default=os.environ.get("PTBXL_DIR") or None,
+                    help="a PTB-XL folder in PhysioNet's layout, or its .zip (env PTBXL_DIR); "
+                         "omit to download PTB-XL from PhysioNet")
+    ap.add_argument("--sampling-rate", type=int, choices=(100, 500),
+                    default=int(os.environ.get("SAMPLING_RATE", SAMPLING_RATE)), help="env SAMPLING_RATE")
+    ap.add_argument("--train-folds", default=TRAIN_FOLDS, help="strat_folds for training (default %(default)s)")
+    ap.add_argument("--val-folds", default=VAL_FOLDS, help="default %(default)s")
+    ap.add_argument("--test-folds", default=TEST_FOLDS, help="default %(default)s")
+    ap.add_argument("--out", type=Path, default=None, help="cache folder (default artifacts/data/ptbxl-<fs>hz)")
+    ap.add_argument("--base-url", default=os.environ.get("PTBXL_BASE_URL"), help="download mirror (env PTBXL_BASE_URL)")
+    ap.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    args = ap.parse_args(argv)
+
+    out = (args.out or data_cache_dir(args.sampling_rate)).resolve()
+    folds = {"train": parse_folds(args.train_folds), "val": parse_folds(args.val_folds),
+             "test": parse_folds(args.test_folds)}
+    try:
+        overlap = set(folds["train"]) & set(folds["val"]) | set(folds["train"]) & set(folds["test"]) | \
+            set(folds["val"]) & set(folds["test"])
+        if overlap:
+            raise SourceError(f"folds {sorted(overlap)} are in more than one split")
+        src = resolve_source(args.ptbxl_dir, args.sampling_rate, args.base_url).resolve()
+        options = {"sampling_rate": args.sampling_rate, "folds": repr(folds), "strict": args.strict}
+        fingerprint = source_fingerprint(src, args.sampling_rate, options)
+        if not args.force and (out / "manifest.json").exists():
+            try:
+                cache_fmt.validate_cache(out)
+                if read_json(out / "manifest.json").get("source", {}).get("fingerprint") == fingerprint:
+                    print(f"{out}: up to date (source and options unchanged)")
+                    return 0
+            except (cache_fmt.CacheError, ValueError):
+                pass
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        manifest = build(src, out, args.sampling_rate, folds, args.strict, fingerprint)
+    except (SourceError, cache_fmt.CacheError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = manifest["counts"]
+    splits = ", ".join(f"{k} {v['records']}" for k, v in c["per_split"].items())
+    print(f"{out}: {c['kept']} records ({splits}); "
+          f"dropped {c['dropped_no_diagnostic_class']} without diagnostic class, skipped {c['skipped_total']} bad "
+          f"{dict(c['skipped']) or ''}; {manifest['build_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

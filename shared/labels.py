@@ -1,0 +1,72 @@
+"""PTB-XL diagnostic superclasses, mapped exactly as the PTB-XL benchmark (Strodthoff et al. 2020).
+
+Every key of a record's `scp_codes` (whatever its likelihood) that is a row of `scp_statements.csv`
+with `diagnostic == 1` contributes that row's `diagnostic_class`. Records with no class are dropped.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+
+# Fixed, documented column order of every label array in the project.
+CLASSES: tuple[str, ...] = ("NORM", "MI", "STTC", "CD", "HYP")
+
+STATEMENT_COLUMNS = ("diagnostic", "diagnostic_class")
+DATABASE_COLUMNS = ("ecg_id", "patient_id", "age", "sex", "scp_codes", "strat_fold", "filename_lr",
+                    "filename_hr")
+
+
+class LabelError(ValueError):
+    """A record's codes cannot be mapped (bad syntax or a code missing from scp_statements.csv)."""
+
+
+def read_statements(path: str | Path):
+    """Read scp_statements.csv; return (all known codes, {diagnostic code: class})."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, index_col=0)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except Exception as e:  # pandas raises many types for malformed csv
+        raise ValueError(f"{path}: cannot parse csv ({e})") from None
+    missing = [c for c in STATEMENT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    diag = df[df["diagnostic"] == 1]
+    mapping = {str(code): str(cls) for code, cls in diag["diagnostic_class"].items() if isinstance(cls, str)}
+    unknown_classes = sorted(set(mapping.values()) - set(CLASSES))
+    if unknown_classes:
+        raise ValueError(f"{path}: unexpected diagnostic_class value(s) {unknown_classes}; expected {CLASSES}")
+    return set(map(str, df.index)), mapping
+
+
+def parse_scp_codes(text: str) -> dict[str, float]:
+    """`scp_codes` is a Python dict literal in ptbxl_database.csv; parse it without eval."""
+    try:
+        codes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise LabelError(f"scp_codes is not a dict literal: {text!r}") from None
+    if not isinstance(codes, dict):
+        raise LabelError(f"scp_codes is not a dict: {text!r}")
+    return codes
+
+
+def diagnostic_classes(codes: dict, known_codes: set[str], diagnostic_map: dict[str, str]) -> list[str]:
+    """Superclasses of one record, in CLASSES order; raises LabelError on a code not in the statements."""
+    unknown = sorted(str(k) for k in codes if str(k) not in known_codes)
+    if unknown:
+        raise LabelError(f"unknown scp code(s) {unknown} (not in scp_statements.csv)")
+    found = {diagnostic_map[k] for k in codes if k in diagnostic_map}
+    return [c for c in CLASSES if c in found]
+
+
+def multi_hot(class_lists: list[list[str]]) -> np.ndarray:
+    """N×len(CLASSES) uint8 — the same result as the benchmark's MultiLabelBinarizer, in CLASSES order."""
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    mlb = MultiLabelBinarizer(classes=list(CLASSES))
+    return mlb.fit_transform(class_lists).astype(np.uint8)

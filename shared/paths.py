@@ -1,0 +1,35 @@
+"""Where artifacts live. One root (ARTIFACTS=...), nothing under it tracked by git."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get("ARTIFACTS", REPO_ROOT / "artifacts")).resolve()
+
+
+def data_cache_dir(sampling_rate: int, root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / "data" / f"ptbxl-{sampling_rate}hz"
+
+
+def download_dir(root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / "downloads" / "ptb-xl"
+
+
+def runs_dir(root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / "runs"
+
+
+def compressed_dir(root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / "compressed"
+
+
+def eval_dir(root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / "eval"
+
+
+def report_dir(root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / "report"

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real PTB-XL sample beside the repo, its cache, and small synthetic folders."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+SAMPLE = Path(os.environ.get("PTBXL_SAMPLE", REPO.parent / "shared" / "ptbxl-sample")).resolve()
+
+
+def run_module(module: str, *args: str, env: dict | None = None, check: bool = False, timeout: float = 600):
+    """Run `python -m module args` from the repo root, as make does; return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    if not (SAMPLE / "ptbxl_database.csv").exists():
+        pytest.fail(f"the PTB-XL sample is missing at {SAMPLE} (set PTBXL_SAMPLE)")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def sample_cache(sample_dir, tmp_path_factory) -> Path:
+    """The real sample at 100 Hz, built once per test session."""
+    out = tmp_path_factory.mktemp("cache") / "ptbxl-100hz"
+    run_module("data_prep.build_cache", "--ptbxl-dir", sample_dir, "--out", out, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_template(tmp_path_factory) -> Path:
+    from data_prep.synth import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synth") / "ptbxl", records=60, sampling_rates=(100,), seed=1,
+                        workers=1, progress=False)
+
+
+@pytest.fixture
+def synth_dir(synth_template, tmp_path) -> Path:
+    """A fresh, writable copy of a small synthetic PTB-XL folder that a test may break."""
+    dst = tmp_path / "ptbxl"
+    shutil.copytree(synth_template, dst)
+    return dst
