@@ -86,3 +86,54 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+    """torch.save, atomically. Only tensors and plain Python values, so `load_checkpoint` can refuse code."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+class UnsafeCheckpoint(RuntimeError):
+    pass
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load with weights_only=True: a file that would run pickled code is refused, never executed."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(f"{path}: refused — it is not a plain-weights checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UnsafeCheckpoint(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict | None = None) -> None:
+    """Model weights as safetensors (no code can ride along), written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(path: str | os.PathLike) -> dict:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None

@@ -112,10 +112,13 @@ def read_record(path_without_ext: str | Path, expected_fs: float | None = None,
             raise RecordError(f"{dat}: truncated ({raw.size * 2} bytes, expected {expected * 2})", "truncated")
         digital = raw[:expected].reshape(-1, h.n_sig)
         physical = (digital - h.baselines) / h.gains  # float64, as wfdb computes it
-        physical[digital == -32768] = np.nan  # wfdb's invalid-sample marker for format 16
+        invalid = digital == -32768  # wfdb's invalid-sample marker for format 16
+        if invalid.any():
+            physical[invalid] = np.nan
     else:
         physical = _read_with_wfdb(base)
-    signal = physical.T[order].astype(np.float32)
+    signal = physical.T.astype(np.float32) if order == list(range(len(LEADS))) else \
+        physical.T[order].astype(np.float32)
     _check_values(hea, signal)
     return np.ascontiguousarray(signal), h.fs
 

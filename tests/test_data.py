@@ -93,7 +93,10 @@ def test_manifest_contents(sample_cache):
     assert all(s > 0 for s in m["normalization"]["std"])
     assert sum(v["records"] for v in m["counts"]["per_split"].values()) == m["counts"]["kept"]
     assert {"torch", "numpy", "wfdb"} <= set(m["versions"])
-    assert len(m["files"]["signals.npy"]["sha256"]) == 64
+    import hashlib
+
+    sig = np.load(sample_cache / "signals.npy", mmap_mode="r")
+    assert m["files"]["signals.npy"]["data_sha256"] == hashlib.sha256(np.ascontiguousarray(sig).tobytes()).hexdigest()
 
 
 def test_train_only_normalization(sample_cache):
@@ -287,3 +290,32 @@ def test_loader_batches_and_seed_preset(sample_cache):
     test = ECGDataset(cache, "test")
     _, yt = test.__getitems__([0, 1, 2])
     np.testing.assert_array_equal(yt.numpy(), cache.labels[cache.split_indices("test")[:3]])
+
+
+def test_multi_hot_equals_multilabelbinarizer(sample_cache):
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    from shared.labels import multi_hot
+
+    meta = open_cache(sample_cache).meta
+    lists = [s.split("|") for s in meta.labels]
+    train = [lst for lst, sp in zip(lists, meta.split) if sp == "train"]
+    mlb = MultiLabelBinarizer().fit(train)  # the benchmark's way: fitted on train, alphabetical columns
+    ref = mlb.transform(lists)
+    ours = multi_hot(lists)
+    order = [list(mlb.classes_).index(c) for c in CLASSES]
+    np.testing.assert_array_equal(ours, ref[:, order])
+    np.testing.assert_array_equal(ours, open_cache(sample_cache).labels)
+
+
+def test_synth_fast_writer_is_byte_identical_to_wfdb(tmp_path):
+    from data_prep.synth import synth_signal, write_format16, write_with_wfdb
+
+    for fs in (100, 500):
+        sig = synth_signal(np.random.default_rng(fs), ["MI", "CD"], fs)
+        write_with_wfdb(tmp_path / "a" / "00007_x", sig, fs)
+        write_format16(tmp_path / "b" / "00007_x", sig, fs)
+        for ext in (".hea", ".dat"):
+            assert (tmp_path / "a" / f"00007_x{ext}").read_bytes() == (tmp_path / "b" / f"00007_x{ext}").read_bytes()
+        ref, _ = wfdb.rdsamp(str(tmp_path / "b" / "00007_x"))
+        np.testing.assert_allclose(ref, sig, atol=1e-9)

@@ -1,0 +1,275 @@
+"""Train one model on the PTB-XL cache: `python -m models.train --model convnext --profile cpu`.
+
+Model selection uses validation (fold 9) macro AUC only, with early stopping; the test fold is
+read once, after training, for metrics.json. Runs under `torchrun --nproc_per_node=N` (DDP: gloo on
+CPU, nccl on CUDA). `--resume` continues a killed run from its last epoch and reaches the same result.
+
+Writes artifacts/runs/<model>-<representation>-<profile>[-tuned]/:
+  config.json (resolved config + versions), last.pt (resume state), best.safetensors (+ best.json),
+  log.jsonl (one line per epoch), metrics.json (val/test macro + per-class AUC, size, time).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import config as config_mod  # noqa: E402
+from shared.cache import CacheError, open_cache  # noqa: E402
+from shared.dataset import ECGDataset, make_loader  # noqa: E402
+from shared.io import (library_versions, load_checkpoint, save_checkpoint, save_weights,  # noqa: E402
+                       write_json_atomic)
+from shared.nets import MODELS, build_model, count_parameters  # noqa: E402
+from shared.paths import data_cache_dir, runs_dir  # noqa: E402
+from shared.training import InputAdapter, predict_batches, scores, train_step  # noqa: E402
+
+
+def run_name(cfg: dict) -> str:
+    suffix = "" if cfg["config"] == "default" else f"-{Path(cfg['config']).stem}"
+    return f"{cfg['model']}-{cfg['representation']}-{cfg['profile']}{suffix}"
+
+
+def config_hash(cfg: dict) -> str:
+    keep = {k: v for k, v in cfg.items() if k not in ("out", "data")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def lr_lambda(cfg: dict, steps_per_epoch: int):
+    warmup = max(1, int(cfg.get("warmup_epochs", 1) * steps_per_epoch))
+    total = max(warmup + 1, cfg["epochs"] * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.get("schedule", "cosine") == "cosine" else 1.0
+    return f
+
+
+def setup_distributed():
+    """(rank, world, device) — from torchrun's environment, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank = dist.get_rank()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return rank, world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = True) -> dict:
+    from torch.utils.data.distributed import DistributedSampler
+    from tqdm import tqdm
+
+    rank, world, device = setup_distributed()
+    main_proc = rank == 0
+    cfg = {**cfg, "world_size": world}
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    cache = open_cache(data_dir)
+    fs = cache.sampling_rate
+    adapter = InputAdapter(cfg, fs)
+    train_ds, val_ds = ECGDataset(cache, "train"), ECGDataset(cache, "val")  # the test split is not opened here
+    if cfg.get("max_train_records"):
+        train_ds.indices = train_ds.indices[: int(cfg["max_train_records"])]
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"],
+                                 drop_last=True)
+    per_rank_batch = max(1, cfg["batch_size"] // world)
+    train_loader = make_loader(train_ds, per_rank_batch, sampler=sampler, drop_last=True)
+    val_loader = make_loader(val_ds, cfg.get("eval_batch_size", 64))
+    steps_per_epoch = len(train_loader)
+    if cfg.get("max_train_batches"):
+        steps_per_epoch = min(steps_per_epoch, int(cfg["max_train_batches"]))
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"], cfg["representation"], adapter.crop, num_classes=len(cache.classes),
+                        arch=cfg.get("arch"), pretrained=cfg.get("pretrained", False),
+                        patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
+                        drop_path_rate=cfg.get("drop_path_rate", 0.0), drop_rate=cfg.get("drop_rate", 0.0)).to(device)
+    params = count_parameters(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    smoothing = float(cfg.get("label_smoothing", 0.0))
+    bce = nn.BCEWithLogitsLoss()
+
+    def loss_fn(logits, y):
+        return bce(logits, y * (1 - smoothing) + 0.5 * smoothing if smoothing else y)
+
+    amp = bool(cfg.get("amp", True))
+    scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()) \
+        else None
+
+    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
+    last_path, best_path = out / "last.pt", out / "best.safetensors"
+    chash = config_hash({k: v for k, v in cfg.items() if k != "world_size"})
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        if ckpt.get("config_hash") != chash:
+            raise SystemExit(f"error: {last_path}: written with a different config; delete it or drop --resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        if main_proc:
+            print(f"resuming {out.name} after epoch {state['epoch']}")
+    elif main_proc:
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+    data_time = step_time = 0.0
+    samples_seen = 0
+    while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg.get("patience", 10**9):
+        epoch = state["epoch"]
+        t_epoch = time.perf_counter()
+        sampler.set_epoch(epoch)
+        torch.manual_seed(cfg["seed"] * 1000 + epoch)  # dropout / drop-path: same stream on resume
+        crop_gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch * 1009 + rank)
+        losses = []
+        bar = tqdm(total=steps_per_epoch, desc=f"{out.name} epoch {epoch + 1}/{cfg['epochs']}",
+                   disable=not (progress and main_proc), leave=False)
+        it = iter(train_loader)
+        for _ in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            inputs = adapter.train_input(x, crop_gen).to(device, non_blocking=True)
+            y = y.to(device)
+            t1 = time.perf_counter()
+            losses.append(train_step(ddp_model, optimizer, loss_fn, inputs, y, device, amp, cfg.get("grad_clip", 0),
+                                     scaler))
+            scheduler.step()
+            t2 = time.perf_counter()
+            data_time += t1 - t0
+            step_time += t2 - t0
+            samples_seen += len(x)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.update()
+        bar.close()
+        probs, labels = predict_batches(model, val_loader, adapter, device, amp)
+        val_auc = scores(labels, probs, cache.classes)["macro_auc"]
+        state["train_seconds"] += time.perf_counter() - t_epoch
+        improved = val_auc > state["best_auc"]
+        if improved:
+            state.update(best_auc=val_auc, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auc": val_auc,
+                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t_epoch, 2)}
+        state["history"].append(record)
+        if main_proc:
+            if improved:
+                save_weights(best_path, model.state_dict(), {"epoch": epoch + 1, "val_macro_auc": val_auc})
+            save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "state": state, "config_hash": chash})
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress:
+                print(f"{out.name} epoch {epoch + 1}: loss {record['train_loss']:.4f} val macro AUC {val_auc:.4f}"
+                      f"{' *' if improved else ''}", flush=True)
+
+    if world > 1:
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        write_json_atomic(out / f"ddp_digest.rank{rank}.json", {"rank": rank, "sha256": digest})
+        dist.barrier()
+    result = {}
+    if main_proc:
+        from shared.io import load_weights
+
+        model.load_state_dict(load_weights(best_path))
+        val_probs, val_labels = predict_batches(model, val_loader, adapter, device, amp)
+        test_ds = ECGDataset(cache, "test")  # first and only look at the test fold
+        test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg.get("eval_batch_size", 64)),
+                                                  adapter, device, amp)
+        np.savez_compressed(out / "predictions.npz", val_probs=val_probs, val_labels=val_labels,
+                            test_probs=test_probs, test_labels=test_labels)
+        result = {
+            "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
+            "config": cfg["config"], "run": out.name,
+            "val": scores(val_labels, val_probs, cache.classes), "test": scores(test_labels, test_probs, cache.classes),
+            "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "params": params,
+            "checkpoint_bytes": best_path.stat().st_size, "train_seconds": round(state["train_seconds"], 1),
+            "data_time_share": round(data_time / step_time, 4) if step_time else None,
+            "train_samples_per_s": round(samples_seen / step_time, 1) if step_time else None,
+            "device": str(device), "world_size": world, "data": str(data_dir),
+        }
+        write_json_atomic(out / "metrics.json", result)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, choices=MODELS)
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=config_mod.PROFILES,
+                    help="budget: quick (seconds, tests), cpu (the sample on 2 cores), full (PTB-XL on a GPU)")
+    ap.add_argument("--representation", default=os.environ.get("REPR") or None,
+                    help="seed | rows | leads | signal (default: the model config's)")
+    ap.add_argument("--config", default=os.environ.get("CONFIG", "default"),
+                    help="default | tuned (artifacts/tune/<model>/best_config.toml) | path to a TOML")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--data", type=Path, default=None, help="cache folder (default artifacts/data/ptbxl-<fs>hz)")
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default artifacts/runs/<run name>)")
+    ap.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
+                    help="continue from last.pt (env RESUME=1)")
+    ap.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = config_mod.parse_value(v.strip())
+    try:
+        cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
+    out = args.out or runs_dir() / run_name(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "metrics.json").exists() and not args.force and not args.resume:
+        print(f"{out}: already trained (metrics.json exists; --force to retrain)")
+        return 0
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "versions": library_versions()})
+    try:
+        result = train(cfg, out, data_dir, args.resume, progress=not args.no_progress)
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result:
+        print(f"{out.name}: val macro AUC {result['val']['macro_auc']:.4f}, test macro AUC "
+              f"{result['test']['macro_auc']:.4f}, {result['train_seconds']:.0f} s, "
+              f"data share {result['data_time_share']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

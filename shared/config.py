@@ -1,0 +1,60 @@
+"""Model configs: TOML files beside the models, resolved as
+base keys → [representations.<repr>] → [profiles.<profile>] → tuned config → command-line overrides.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from shared.paths import REPO_ROOT
+
+CONFIG_DIR = REPO_ROOT / "models" / "configs"
+PROFILES = ("quick", "cpu", "full")
+
+
+def config_path(model: str) -> Path:
+    return CONFIG_DIR / f"{model}.toml"
+
+
+def tuned_path(model: str) -> Path:
+    from shared.paths import artifacts_root
+
+    return artifacts_root() / "tune" / model / "best_config.toml"
+
+
+def parse_value(text: str):
+    """'3e-4' → 3e-4, 'true' → True, 'rows' → 'rows' (TOML value syntax, bare strings allowed)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def resolve(model: str, profile: str = "cpu", representation: str | None = None, config: str = "default",
+            overrides: dict | None = None) -> dict:
+    path = config_path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config for model {model!r}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML ({e})") from None
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+    reps, profiles = raw.pop("representations", {}), raw.pop("profiles", {})
+    cfg = dict(raw)
+    tuned = {}
+    if config == "tuned":
+        tp = tuned_path(model)
+        if not tp.exists():
+            raise FileNotFoundError(f"{tp}: no tuned config for {model!r}; run `make tune-{model}` first")
+        tuned = tomllib.loads(tp.read_text())
+    elif config != "default":
+        tuned = tomllib.loads(Path(config).read_text())
+    rep = representation or tuned.get("representation") or cfg["representation"]
+    cfg.update(reps.get(rep, {}))
+    cfg.update(profiles.get(profile, {}))
+    cfg.update(tuned)
+    cfg.update(overrides or {})
+    cfg.update(model=model, representation=rep, profile=profile, config=config)
+    return cfg

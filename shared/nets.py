@@ -1,0 +1,63 @@
+"""One registry: every model in the project is built here by name.
+
+The four seed families come from timm, sized for a CPU by default (tiny/atto/b0) and configured for
+the ECG input (in_chans, img_size, patch shape, num_classes). The 1-D references are in nets1d.py.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from shared.nets1d import NETS1D
+from shared.representations import input_shape
+
+# family → default timm architecture; `arch` in a config picks a bigger one (e.g. vit_small_patch16_224)
+TIMM_FAMILIES = {
+    "vit": "vit_tiny_patch16_224",
+    "deit": "deit_tiny_patch16_224",
+    "effnetv2": "tf_efficientnetv2_b0",
+    "convnext": "convnext_atto",
+}
+TRANSFORMERS = {"vit", "deit"}
+MODELS = tuple(TIMM_FAMILIES) + tuple(NETS1D)
+
+
+class PretrainedUnavailable(RuntimeError):
+    pass
+
+
+def build_model(name: str, representation: str, n_samples: int, num_classes: int = 5, n_leads: int = 12,
+                arch: str | None = None, pretrained: bool = False, patch_samples: int = 10, row_repeat: int = 8,
+                drop_path_rate: float = 0.0, drop_rate: float = 0.0, **_ignored) -> nn.Module:
+    """Build model `name` for inputs of `representation` over `n_samples` time samples."""
+    if name in NETS1D:
+        if representation != "signal":
+            raise ValueError(f"{name} is a 1-D model: use representation 'signal', not {representation!r}")
+        return NETS1D[name](num_classes=num_classes, in_channels=n_leads)
+    if name not in TIMM_FAMILIES:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if representation == "signal":
+        raise ValueError(f"{name} is a 2-D model: representation 'signal' is for 1-D models")
+    import timm
+
+    chans, *spatial = input_shape(representation, n_leads, n_samples, row_repeat)
+    kwargs = dict(num_classes=num_classes, in_chans=chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    if name in TRANSFORMERS:
+        kwargs["img_size"] = tuple(spatial)
+        if representation == "leads":  # every token spans all 12 leads × patch_samples samples
+            kwargs["patch_size"] = (n_leads, patch_samples)
+        elif representation == "seed":  # 182×256 tiles exactly into 14×16 patches (13×16 tokens)
+            kwargs["patch_size"] = (14, 16)
+        elif representation == "rows":
+            kwargs["patch_size"] = (row_repeat, patch_samples)
+    try:
+        return timm.create_model(arch or TIMM_FAMILIES[name], pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm raises hub/HTTP/OS errors when pretrained weights cannot be fetched
+        if pretrained:
+            raise PretrainedUnavailable(
+                f"cannot fetch pretrained weights for {arch or TIMM_FAMILIES[name]} ({type(e).__name__}: {e}); "
+                "they need the internet (Hugging Face hub) — train from scratch with pretrained = false") from None
+        raise
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,106 @@
+"""One training step, crops, sliding-window inference and evaluation — shared by training, tuning,
+compression fine-tuning and evaluation so every stage computes them the same way."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from shared import representations
+from shared.metrics import macro_auc, per_class_auc
+
+
+def random_crop(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """An independent random window of `length` samples for each record of a B×C×T batch."""
+    b, c, t = x.shape
+    if length >= t:
+        return x
+    starts = torch.randint(0, t - length + 1, (b,), generator=generator)
+    idx = starts[:, None] + torch.arange(length)[None, :]
+    return x.gather(2, idx[:, None, :].expand(b, c, length))
+
+
+def windows(x: torch.Tensor, length: int, stride: int) -> tuple[torch.Tensor, int]:
+    """All windows of `length` every `stride` samples (the last one flush with the end): (B·W)×C×L, W."""
+    b, c, t = x.shape
+    if length >= t:
+        return x, 1
+    starts = list(range(0, t - length + 1, stride))
+    if starts[-1] != t - length:
+        starts.append(t - length)
+    w = torch.stack([x[:, :, s:s + length] for s in starts], dim=1)  # B×W×C×L
+    return w.reshape(b * len(starts), c, length), len(starts)
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+class InputAdapter:
+    """Crop length, window stride and representation of a config, applied to raw 12×T batches."""
+
+    def __init__(self, cfg: dict, sampling_rate: int):
+        self.crop = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
+        self.stride = int(round(cfg.get("eval_stride_seconds", cfg.get("crop_seconds", 10.0) / 2) * sampling_rate))
+        self.representation = cfg["representation"]
+        self.rep_kwargs = {"row_repeat": cfg.get("row_repeat", 8)} if self.representation == "rows" else {}
+
+    def train_input(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return representations.apply(self.representation, random_crop(x, self.crop, generator), **self.rep_kwargs)
+
+    def eval_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        w, n = windows(x, self.crop, self.stride)
+        return representations.apply(self.representation, w, **self.rep_kwargs), n
+
+
+def train_step(model: nn.Module, optimizer, loss_fn, inputs, targets, device, amp: bool, grad_clip: float,
+               scaler=None) -> float:
+    model.train()
+    with autocast(device, amp):
+        loss = loss_fn(model(inputs).float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict_batches(model, loader, adapter: InputAdapter, device, amp: bool = False, progress: bool = False,
+                    desc: str = "eval"):
+    """Sigmoid probabilities averaged over sliding windows, and the labels: (N×5, N×5) numpy."""
+    from tqdm import tqdm
+
+    model.eval()
+    probs, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        inputs, n_win = adapter.eval_inputs(x)
+        with autocast(device, amp):
+            logits = model(inputs.to(device)).float()
+        p = torch.sigmoid(logits).reshape(len(x), n_win, -1).mean(dim=1)
+        probs.append(p.cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def scores(y_true: np.ndarray, y_prob: np.ndarray, classes) -> dict:
+    pc = per_class_auc(y_true, y_prob)
+    return {"macro_auc": macro_auc(y_true, y_prob),
+            "per_class_auc": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, pc)},
+            "records": int(len(y_true))}
