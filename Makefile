@@ -10,7 +10,14 @@ export ARTIFACTS PTBXL_DIR SAMPLING_RATE PROFILE
 
 VENV_STAMP := .venv/.installed
 
-.PHONY: help setup data test bench-data synth clean-artifacts
+MODELS_2D  := vit deit effnetv2 convnext
+MODELS_1D  := resnet1d_wang xresnet1d101
+ALL_MODELS := $(MODELS_2D) $(MODELS_1D)
+REPR       ?=
+CONFIG     ?= default
+TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR))
+
+.PHONY: help setup data test bench-data synth clean-artifacts train-all bakeoff summary
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -30,6 +37,19 @@ synth: $(VENV_STAMP)  ## write a synthetic PTB-XL folder (RECORDS=200, OUT=artif
 
 bench-data: $(VENV_STAMP)  ## benchmark make data vs a wfdb.rdsamp loop, and a full-size synthetic build
 	$(PYTHON) -m data_prep.benchmark
+
+train-%: data  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, RESUME=1)
+	$(PYTHON) -m models.train --model $* $(TRAIN_ARGS)
+
+train-all: $(addprefix train-,$(ALL_MODELS))  ## train every model with its default representation
+	$(PYTHON) -m models.summarize --profile $(PROFILE)
+
+bakeoff: train-all  ## also train the four 2-D families with the seed recipe, then compare
+	$(foreach m,$(MODELS_2D),$(PYTHON) -m models.train --model $(m) --profile $(PROFILE) --representation seed &&) true
+	$(PYTHON) -m models.summarize --profile $(PROFILE)
+
+summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs/summary-<profile>.md)
+	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 test: $(VENV_STAMP)  ## run the test suite
 	$(PYTHON) -m pytest -q

@@ -350,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             set(folds["val"]) & set(folds["test"])
         if overlap:
             raise SourceError(f"folds {sorted(overlap)} are in more than one split")
+        if not args.ptbxl_dir and not args.force and (out / "manifest.json").exists():
+            try:  # no source named: a complete cache is used as it is (later make targets depend on `data`)
+                built_from = cache_fmt.validate_cache(out)["source"]["path"]
+                print(f"{out}: using the existing cache (built from {built_from}; PTBXL_DIR=... to check a source)")
+                return 0
+            except cache_fmt.CacheError:
+                pass
         src = resolve_source(args.ptbxl_dir, args.sampling_rate, args.base_url).resolve()
         options = {"sampling_rate": args.sampling_rate, "folds": repr(folds), "strict": args.strict}
         fingerprint = source_fingerprint(src, args.sampling_rate, options)

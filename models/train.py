@@ -105,7 +105,6 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
                         patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
                         drop_path_rate=cfg.get("drop_path_rate", 0.0), drop_rate=cfg.get("drop_rate", 0.0)).to(device)
     params = count_parameters(model)
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     smoothing = float(cfg.get("label_smoothing", 0.0))
@@ -114,9 +113,16 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
     def loss_fn(logits, y):
         return bce(logits, y * (1 - smoothing) + 0.5 * smoothing if smoothing else y)
 
-    amp = bool(cfg.get("amp", True))
+    # AMP on CUDA; bf16 autocast on CPU only where a config asks: on this 2-core AVX-512 CPU it made
+    # these small models 2-3x slower (README, "CPU notes")
+    amp = bool(cfg.get("amp_cuda", True)) if device.type == "cuda" else bool(cfg.get("bf16_cpu", False))
+    channels_last = bool(cfg.get("channels_last", False)) and cfg["representation"] != "signal"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()) \
         else None
+
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
     last_path, best_path = out / "last.pt", out / "best.safetensors"
@@ -131,8 +137,11 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         state = ckpt["state"]
         if main_proc:
             print(f"resuming {out.name} after epoch {state['epoch']}")
-    elif main_proc:
-        (out / "log.jsonl").unlink(missing_ok=True)
+    else:
+        if main_proc:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        probs, labels = predict_batches(model, val_loader, adapter, device, amp)
+        state["untrained_val_auc"] = scores(labels, probs, cache.classes)["macro_auc"]
 
     data_time = step_time = 0.0
     samples_seen = 0
@@ -150,6 +159,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
             t0 = time.perf_counter()
             x, y = next(it)
             inputs = adapter.train_input(x, crop_gen).to(device, non_blocking=True)
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             y = y.to(device)
             t1 = time.perf_counter()
             losses.append(train_step(ddp_model, optimizer, loss_fn, inputs, y, device, amp, cfg.get("grad_clip", 0),
@@ -204,7 +215,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
             "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
             "config": cfg["config"], "run": out.name,
             "val": scores(val_labels, val_probs, cache.classes), "test": scores(test_labels, test_probs, cache.classes),
-            "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "params": params,
+            "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "params": params,
             "checkpoint_bytes": best_path.stat().st_size, "train_seconds": round(state["train_seconds"], 1),
             "data_time_share": round(data_time / step_time, 4) if step_time else None,
             "train_samples_per_s": round(samples_seen / step_time, 1) if step_time else None,

@@ -13,7 +13,7 @@ from shared.representations import input_shape
 # family → default timm architecture; `arch` in a config picks a bigger one (e.g. vit_small_patch16_224)
 TIMM_FAMILIES = {
     "vit": "vit_tiny_patch16_224",
-    "deit": "deit_tiny_patch16_224",
+    "deit": "deit_tiny_distilled_patch16_224",
     "effnetv2": "tf_efficientnetv2_b0",
     "convnext": "convnext_atto",
 }
@@ -37,6 +37,8 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
         raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if representation == "signal":
         raise ValueError(f"{name} is a 2-D model: representation 'signal' is for 1-D models")
+    if name not in TRANSFORMERS and representation == "leads":
+        raise ValueError(f"{name} downsamples 32x and cannot take the 12-row 'leads' plane; use 'rows' or 'seed'")
     import timm
 
     chans, *spatial = input_shape(representation, n_leads, n_samples, row_repeat)

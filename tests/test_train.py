@@ -1,0 +1,140 @@
+"""Models and training on the real sample: registry, learning, resume, DDP, safe checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_module
+from shared.io import UnsafeCheckpoint, load_checkpoint, load_weights
+from shared.nets import MODELS, build_model, count_parameters
+from shared.representations import input_shape
+
+QUICK_1D = ["--set", "max_train_batches=6", "--set", "epochs=3"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_registry_model_forward_backward(name):
+    from shared.nets import TIMM_FAMILIES, TRANSFORMERS
+
+    reps = ["seed", "rows", "leads"] if name in TRANSFORMERS else ["seed", "rows"] if name in TIMM_FAMILIES \
+        else ["signal"]
+    for rep in reps:
+        n = 1000 if rep == "seed" else 250
+        torch.manual_seed(0)
+        model = build_model(name, rep, n)
+        x = torch.randn(2, *input_shape(rep, 12, n), requires_grad=False)
+        out = model(x)
+        assert out.shape == (2, 5) and torch.isfinite(out).all()
+        out.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert count_parameters(model) > 100_000
+
+
+def test_wrong_representation_is_refused():
+    with pytest.raises(ValueError, match="1-D model"):
+        build_model("resnet1d_wang", "seed", 1000)
+    with pytest.raises(ValueError, match="2-D model"):
+        build_model("vit", "signal", 250)
+    with pytest.raises(ValueError, match="'rows' or 'seed'"):
+        build_model("convnext", "leads", 250)
+    with pytest.raises(KeyError, match="unknown model"):
+        build_model("alexnet", "seed", 1000)
+
+
+def test_quick_training_improves_val_auc_and_writes_artifacts(sample_cache, tmp_path):
+    out = tmp_path / "run"
+    run_module("models.train", "--model", "resnet1d_wang", "--profile", "quick", "--data", sample_cache, "--out", out,
+               "--no-progress", *QUICK_1D, check=True)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val"]["macro_auc"] > m["untrained_val_macro_auc"] + 0.05
+    assert 0.5 < m["test"]["macro_auc"] <= 1 and set(m["test"]["per_class_auc"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
+    assert m["params"] == count_parameters(build_model("resnet1d_wang", "signal", 250))
+    assert m["checkpoint_bytes"] == (out / "best.safetensors").stat().st_size
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "resnet1d_wang" and cfg["profile"] == "quick" and "torch" in cfg["versions"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    best = max(log, key=lambda r: r["val_macro_auc"])
+    assert abs(best["val_macro_auc"] - m["val"]["macro_auc"]) < 1e-6  # metrics come from the best checkpoint
+    ckpt = load_checkpoint(out / "last.pt")  # weights_only=True loadable
+    assert ckpt["state"]["epoch"] == 3
+    load_weights(out / "best.safetensors")
+
+
+def test_2d_model_quick_profile_runs(sample_cache, tmp_path):
+    out = tmp_path / "vit"
+    run_module("models.train", "--model", "vit", "--profile", "quick", "--data", sample_cache, "--out", out,
+               "--no-progress", "--set", "max_train_batches=2", "--set", "epochs=1", check=True)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["representation"] == "leads" and 0 <= m["data_time_share"] < 0.5
+
+
+def test_resume_after_kill_equals_uninterrupted(sample_cache, tmp_path):
+    args = ["--model", "resnet1d_wang", "--profile", "quick", "--data", str(sample_cache), "--no-progress",
+            "--set", "max_train_batches=5", "--set", "epochs=3"]
+    full = tmp_path / "full"
+    run_module("models.train", *args, "--out", full, check=True)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "models.train", *args, "--out", str(cut)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        log = cut / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((cut / "log.jsonl").read_text().splitlines())
+    assert done < 3, "the run finished before it could be killed"
+    assert not (cut / "metrics.json").exists()
+    r = run_module("models.train", *args, "--out", cut, "--resume", check=True)
+    assert "resuming" in r.stdout
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, cut))
+    assert abs(ma["val"]["macro_auc"] - mb["val"]["macro_auc"]) < 1e-3
+    assert abs(ma["test"]["macro_auc"] - mb["test"]["macro_auc"]) < 1e-3
+
+
+def test_ddp_two_cpu_processes_agree(sample_cache, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "models.train", "--model", "resnet1d_wang", "--profile", "quick", "--data",
+                        str(sample_cache), "--out", str(out), "--no-progress", "--set", "max_train_batches=3",
+                        "--set", "epochs=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digests = [json.loads((out / f"ddp_digest.rank{i}.json").read_text())["sha256"] for i in (0, 1)]
+    assert digests[0] == digests[1]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "evil": _Payload(str(marker))}, bad)
+    with pytest.raises(UnsafeCheckpoint, match="bad.pt"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    r = run_module("models.train", "--help")
+    assert r.returncode == 0 and "--resume" in r.stdout
