@@ -104,3 +104,27 @@ def scores(y_true: np.ndarray, y_prob: np.ndarray, classes) -> dict:
     return {"macro_auc": macro_auc(y_true, y_prob),
             "per_class_auc": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, pc)},
             "records": int(len(y_true))}
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset, adapter: InputAdapter, chunk: int = 256, progress: bool = False,
+                    desc: str = "eval", channels_last: bool = False):
+    """Like predict_batches, but every forward sees exactly `chunk` windows (the last chunk padded), so a
+    compiled or exported model never meets a new shape. Returns (probs N×5, labels N×5) numpy."""
+    from tqdm import tqdm
+
+    if hasattr(model, "eval"):
+        model.eval()
+    x, y = dataset.__getitems__(range(len(dataset)))
+    inputs, n_win = adapter.eval_inputs(x)
+    outs = []
+    for start in tqdm(range(0, len(inputs), chunk), desc=desc, leave=False, disable=not progress):
+        part = inputs[start:start + chunk]
+        n = len(part)
+        if n < chunk:
+            part = torch.cat([part, part[-1:].expand(chunk - n, *part.shape[1:])])
+        if channels_last and part.dim() == 4:
+            part = part.contiguous(memory_format=torch.channels_last)
+        outs.append(torch.sigmoid(model(part).float())[:n])
+    probs = torch.cat(outs).reshape(len(x), n_win, -1).mean(dim=1)
+    return probs.numpy(), y.numpy()

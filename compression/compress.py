@@ -1,0 +1,290 @@
+"""Compress a trained model: `python -m compression.compress --model convnext --methods prune,dynamic,static,qat`.
+
+Methods (each for every model family):
+  prune    L1 unstructured pruning of PRUNE_AMOUNT of each Conv weight (the original design; Linear layers
+           and a global threshold are options), fine-tuned with the masks on, then made permanent.
+  dynamic  dynamic int8 of every Linear layer (torch.ao quantize_dynamic).
+  static   static post-training int8 with calibration on training records: PT2E (torch.export +
+           torchao's X86InductorQuantizer) — the one API that handles all four timm families in torch 2.14.
+  qat      quantization-aware training from the fp32 checkpoint (PT2E QAT), then converted to int8.
+
+Each variant goes to artifacts/compressed/<run>/<method>/ with its artifact, variant.json (what was done)
+and metrics.json (val/test macro AUC, size, sparsity). A finished variant is never redone (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import artifacts as art  # noqa: E402
+from shared.cache import open_cache  # noqa: E402
+from shared.dataset import ECGDataset, make_loader  # noqa: E402
+from shared.io import library_versions, read_json, write_json_atomic  # noqa: E402
+from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.training import InputAdapter, predict_dataset, scores, train_step  # noqa: E402
+
+# Knobs
+METHODS = ("prune", "dynamic", "static", "qat")
+PRUNE_AMOUNT = 0.4
+PRUNE_LAYERS = "conv"          # conv | linear | conv,linear
+PRUNE_GLOBAL = False           # one L1 threshold over all chosen layers instead of per layer
+FINETUNE_EPOCHS = 2            # after pruning (quick profile: a few batches)
+QAT_EPOCHS = 2
+FINETUNE_LR_FACTOR = 0.1       # × the run's learning rate
+CALIBRATION_BATCHES = 8        # batches of training records for static int8
+QUICK_MAX_BATCHES = 3
+
+warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
+
+
+def example_input(cfg: dict, cache, adapter: InputAdapter, n: int = 2) -> torch.Tensor:
+    x, _ = ECGDataset(cache, "train").__getitems__(range(n))
+    return adapter.eval_inputs(x)[0][:n]
+
+
+def evaluate(model, cache, adapter, chunk: int = 256) -> dict:
+    out = {}
+    for split in ("val", "test"):
+        probs, labels = predict_dataset(model, ECGDataset(cache, split), adapter, chunk=chunk)
+        out[split] = scores(labels, probs, cache.classes)
+    return out
+
+
+def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: int, max_batches: int | None,
+             desc: str) -> None:
+    from tqdm import tqdm
+
+    loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 17,
+                         drop_last=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"] * FINETUNE_LR_FACTOR, weight_decay=cfg["weight_decay"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    gen = torch.Generator().manual_seed(cfg["seed"] + 23)
+    device = torch.device("cpu")
+    for epoch in range(epochs):
+        steps = min(len(loader), max_batches or len(loader))
+        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
+        for i, (x, y) in enumerate(loader):
+            if i >= steps:
+                break
+            loss = train_step(model, opt, loss_fn, adapter.train_input(x, gen), y, device, False,
+                              cfg.get("grad_clip", 1.0))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+        bar.close()
+
+
+# ------------------------------------------------------------------ methods
+def prune_layers(model: nn.Module, amount: float, layers: str, global_threshold: bool) -> list[tuple[nn.Module, str]]:
+    import torch.nn.utils.prune as prune
+
+    kinds = {"conv": (nn.Conv1d, nn.Conv2d), "linear": (nn.Linear,)}
+    types = tuple(t for k in layers.split(",") for t in kinds[k.strip()])
+    targets = [(m, "weight") for m in model.modules() if isinstance(m, types)]
+    if not targets:
+        raise ValueError(f"no {layers} layers to prune")
+    if global_threshold:
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    else:
+        for m, name in targets:
+            prune.l1_unstructured(m, name, amount=amount)
+    return targets
+
+
+def do_prune(model, cfg, cache, adapter, out: Path, quick: bool, amount=PRUNE_AMOUNT, layers=None,
+             global_threshold=PRUNE_GLOBAL) -> dict:
+    import torch.nn.utils.prune as prune
+
+    layers = layers or ("conv,linear" if cfg["model"] in TRANSFORMERS else PRUNE_LAYERS)
+    targets = prune_layers(model, amount, layers, global_threshold)
+    finetune(model, cfg, cache, adapter, 1 if quick else FINETUNE_EPOCHS, QUICK_MAX_BATCHES if quick else None,
+             "prune fine-tune")
+    for m, name in targets:
+        prune.remove(m, name)  # permanent: the zeros are now plain weights
+    model.eval()
+    names = {id(m): n for n, m in model.named_modules()}
+    sparse_keys = [f"{names[id(m)]}.weight" for m, _ in targets]
+    sd = model.state_dict()
+    pruned_total = sum(sd[k].numel() for k in sparse_keys)
+    pruned_zero = sum(int((sd[k] == 0).sum()) for k in sparse_keys)
+    art.save_sparse(out / "sparse.safetensors", sd, sparse_keys)
+    from shared.io import save_weights
+    save_weights(out / "dense.safetensors", sd)  # kept to report the dense size beside the sparse one
+    total, nonzero = art.nonzero_parameters(sd)
+    return {"artifact": "sparse.safetensors", "amount": amount, "layers": layers, "global": global_threshold,
+            "finetune_epochs": 1 if quick else FINETUNE_EPOCHS, "pruned_tensors": len(sparse_keys),
+            "sparsity_in_pruned_layers": pruned_zero / pruned_total, "sparsity_overall": 1 - nonzero / total,
+            "nonzero_params": nonzero, "params": total,
+            "dense_bytes": (out / "dense.safetensors").stat().st_size}
+
+
+def do_dynamic(model, cfg, cache, adapter, out: Path, quick: bool) -> dict:
+    qmodel = art.quantize_dynamic(model)
+    art.save_dynamic(out / "int8.safetensors", qmodel)
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    return {"artifact": "int8.safetensors", "quantized_layers": "Linear", "linear_layers": n_linear}, qmodel
+
+
+def _quantizer(is_qat: bool):
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    q = xiq.X86InductorQuantizer()
+    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat))
+    return q
+
+
+def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int = CALIBRATION_BATCHES) -> tuple:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from tqdm import tqdm
+
+    example = example_input(cfg, cache, adapter)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    graph = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(graph, _quantizer(False))
+    loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 31)
+    n = min(batches, QUICK_MAX_BATCHES) if quick else batches
+    with torch.no_grad():
+        for i, (x, _) in enumerate(tqdm(loader, total=n, desc="calibrate", leave=False)):
+            if i >= n:
+                break
+            prepared(adapter.eval_inputs(x)[0])
+    converted = convert_pt2e(prepared)
+    art.save_exported(out / "model.pt2", converted, example)
+    return {"artifact": "model.pt2", "api": "torchao PT2E + X86InductorQuantizer", "calibration_batches": n,
+            "calibration_split": "train"}, converted
+
+
+def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    example = example_input(cfg, cache, adapter, n=4)
+    batch = torch.export.Dim("batch", min=2, max=4096)
+    graph = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_qat_pt2e(graph, _quantizer(True))
+    allow_exported_model_train_eval(prepared)
+    epochs = 1 if quick else QAT_EPOCHS
+    finetune(prepared, cfg, cache, adapter, epochs, QUICK_MAX_BATCHES if quick else None, "QAT")
+    prepared.eval()
+    converted = convert_pt2e(prepared)
+    allow_exported_model_train_eval(converted)
+    converted.eval()
+    art.save_exported(out / "model.pt2", converted, example)
+    return {"artifact": "model.pt2", "api": "torchao PT2E QAT + X86InductorQuantizer", "qat_epochs": epochs}, converted
+
+
+# ------------------------------------------------------------------ driver
+def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, out_root: Path | None = None,
+             force: bool = False) -> dict:
+    _, cfg = art.load_run(run_dir)
+    cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
+    adapter = InputAdapter(cfg, cache.sampling_rate)
+    quick = cfg.get("profile") == "quick"
+    root = (out_root or compressed_dir()) / run_dir.name
+    results, failures = {}, []
+    for method in methods:
+        out = root / method
+        if (out / "metrics.json").exists() and not force:
+            print(f"{out}: done already (metrics.json exists)")
+            results[method] = read_json(out / "metrics.json")
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg["seed"])
+        model, _ = art.load_run(run_dir)  # a fresh fp32 copy for every method
+        t0 = time.time()
+        try:
+            info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick)
+        except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern of this network
+            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            print(f"error: {failures[-1]}", file=sys.stderr)
+            continue
+        seconds = time.time() - t0
+        info.update(method="pruned" if method == "prune" else method, run=str(run_dir.resolve()),
+                    model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
+                    versions=library_versions())
+        write_json_atomic(out / "variant.json", info)
+        metrics = evaluate(evaluated, cache, adapter)
+        metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=(out / info["artifact"]).stat().st_size,
+                       fp32_bytes=(run_dir / "best.safetensors").stat().st_size)
+        write_json_atomic(out / "metrics.json", metrics)
+        results[method] = metrics
+        print(f"{run_dir.name}/{method}: val macro AUC {metrics['val']['macro_auc']:.4f}, test "
+              f"{metrics['test']['macro_auc']:.4f}, {metrics['artifact_bytes'] / 1e6:.2f} MB "
+              f"(fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), {seconds:.0f} s")
+    if failures:
+        raise CompressionFailed("; ".join(failures))
+    return results
+
+
+class CompressionFailed(RuntimeError):
+    pass
+
+
+def _apply(method, model, cfg, cache, adapter, out, quick):
+    """Run one method; return (variant info, the model to evaluate)."""
+    if method == "prune":
+        return do_prune(model, cfg, cache, adapter, out, quick), model
+    if method == "dynamic":
+        return do_dynamic(model, cfg, cache, adapter, out, quick)
+    if method == "static":
+        info, converted = do_static(model, cfg, cache, adapter, out, quick)
+        return info, art.compile_int8(converted)
+    if method == "qat":
+        info, converted = do_qat(model, cfg, cache, adapter, out, quick)
+        return info, art.compile_int8(converted)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def find_run(model: str, profile: str, representation: str | None = None) -> Path:
+    from shared import config as config_mod
+
+    rep = representation or config_mod.resolve(model, profile)["representation"]
+    run = runs_dir() / f"{model}-{rep}-{profile}"
+    if not (run / "best.safetensors").exists():
+        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}` first")
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compression.compress", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", choices=MODELS, help="compress artifacts/runs/<model>-<repr>-<profile>")
+    src.add_argument("--run", type=Path, help="a training run folder")
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
+    ap.add_argument("--representation", default=os.environ.get("REPR") or None)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of %(default)s")
+    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
+    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
+    ap.add_argument("--force", action="store_true", help="redo finished variants")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"error: unknown method(s) {bad}; choose from {METHODS}", file=sys.stderr)
+        return 2
+    try:
+        run = args.run or find_run(args.model, args.profile, args.representation)
+        compress(run, methods, args.data, args.out, args.force)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CompressionFailed:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
