@@ -17,7 +17,7 @@ REPR       ?=
 CONFIG     ?= default
 TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR))
 
-.PHONY: help setup data test bench-data synth clean-artifacts train-all bakeoff summary
+.PHONY: help setup data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -50,6 +50,19 @@ bakeoff: train-all  ## also train the four 2-D families with the seed recipe, th
 
 summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs/summary-<profile>.md)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
+
+prune-%: $(VENV_STAMP)  ## L1-prune 40 % of the conv weights of a trained model, fine-tune, make permanent
+	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods prune
+
+quantize-%: $(VENV_STAMP)  ## dynamic, static (PT2E, calibrated) and QAT int8 variants of a trained model
+	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods dynamic,static,qat
+
+bench-compress-%: $(VENV_STAMP)  ## size / AUC / CPU throughput of fp32, bf16 and every variant of a model
+	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE)
+
+prune-all: $(addprefix prune-,$(ALL_MODELS))  ## prune every trained model
+quantize-all: $(addprefix quantize-,$(ALL_MODELS))  ## quantize every trained model
+compress-all: prune-all quantize-all  ## every compression of every trained model
 
 test: $(VENV_STAMP)  ## run the test suite
 	$(PYTHON) -m pytest -q

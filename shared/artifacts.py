@@ -100,12 +100,15 @@ def save_dynamic(path: Path, qmodel: nn.Module, metadata: dict | None = None) ->
 
 def load_dynamic(path: Path, fp32_model: nn.Module) -> nn.Module:
     raw = load_weights(path)
-    qmodel = quantize_dynamic(fp32_model)
-    linears = _dynamic_linears(qmodel)
-    plain = {k: v for k, v in raw.items() if not any(k.startswith(n + ".") for n in linears)}
-    missing, unexpected = qmodel.load_state_dict(plain, strict=False)
+    linear_names = {n for n, m in fp32_model.named_modules() if isinstance(m, nn.Linear)}
+    plain = {k: v for k, v in raw.items() if k.rsplit(".", 1)[0] not in linear_names}
+    _, unexpected = fp32_model.load_state_dict(plain, strict=False)  # everything but the Linear layers
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+    qmodel = quantize_dynamic(fp32_model)
+    linears = _dynamic_linears(qmodel)
+    if set(linears) != linear_names:
+        raise ValueError(f"{path}: the network's Linear layers differ from the file's")
     for name, m in linears.items():
         w = torch._make_per_tensor_quantized_tensor(raw[f"{name}.weight_int8"], float(raw[f"{name}.weight_scale"]),
                                                     int(raw[f"{name}.weight_zero_point"]))
@@ -138,7 +141,13 @@ def save_exported(path: Path, module: nn.Module, example: torch.Tensor) -> None:
 
 
 def load_exported(path: Path) -> nn.Module:
-    return inference_ready(torch.export.load(str(path)).module())
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  registers the quantized_decomposed ops
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable exported program ({str(e).splitlines()[0]})") from None
+    return inference_ready(program.module())
 
 
 def inference_ready(graph_module: nn.Module) -> nn.Module:

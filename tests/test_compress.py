@@ -1,0 +1,91 @@
+"""Compression on quick-profile checkpoints trained on the real sample."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_module
+from shared import artifacts as art
+from shared.cache import open_cache
+from shared.dataset import ECGDataset
+from shared.training import InputAdapter
+
+
+@pytest.fixture(scope="module")
+def quick_run(sample_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vit-leads-quick"
+    run_module("models.train", "--model", "vit", "--profile", "quick", "--data", sample_cache, "--out", out,
+               "--no-progress", "--set", "max_train_batches=3", "--set", "epochs=1", check=True)
+    return out
+
+
+def _batch(sample_cache, cfg, n=16):
+    cache = open_cache(sample_cache)
+    x, _ = ECGDataset(cache, "val").__getitems__(range(n))
+    adapter = InputAdapter(cfg, cache.sampling_rate)
+    return cache, adapter, adapter.eval_inputs(x)[0][:n]
+
+
+def test_prune_cli_sparsity_and_reload_keeps_zeros(quick_run, sample_cache, tmp_path):
+    r = run_module("compression.compress", "--run", quick_run, "--data", sample_cache, "--out", tmp_path,
+                   "--methods", "prune,dynamic")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / quick_run.name / "prune" / "variant.json").read_text())
+    assert info["sparsity_in_pruned_layers"] == pytest.approx(0.4, abs=1e-3)
+    model, cfg, _ = art.load_variant(tmp_path / quick_run.name / "prune")
+    from torch import nn
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zeros = sum(int((m.weight == 0).sum()) for m in layers)
+    total = sum(m.weight.numel() for m in layers)
+    assert zeros / total == pytest.approx(0.4, abs=1e-3)  # zeros survive save → load
+    sparse = (tmp_path / quick_run.name / "prune" / "sparse.safetensors").stat().st_size
+    assert sparse < 0.8 * info["dense_bytes"]
+    m = json.loads((tmp_path / quick_run.name / "prune" / "metrics.json").read_text())
+    assert 0 < m["val"]["macro_auc"] <= 1
+    # a finished variant is not redone
+    again = run_module("compression.compress", "--run", quick_run, "--data", sample_cache, "--out", tmp_path,
+                       "--methods", "prune")
+    assert "done already" in again.stdout
+
+
+def test_dynamic_artifact_matches_in_memory_and_fp32(quick_run, sample_cache, tmp_path):
+    fp32, cfg = art.load_run(quick_run)
+    _, _, x = _batch(sample_cache, cfg)
+    q = art.quantize_dynamic(art.load_run(quick_run)[0])
+    art.save_dynamic(tmp_path / "int8.safetensors", q)
+    loaded = art.load_dynamic(tmp_path / "int8.safetensors", art.build_from_config(cfg))
+    with torch.no_grad():
+        a, b, ref = q(x), loaded(x), fp32(x)
+    torch.testing.assert_close(a, b)
+    assert (torch.sigmoid(a) - torch.sigmoid(ref)).abs().max() < 0.05
+    assert (tmp_path / "int8.safetensors").stat().st_size < 0.5 * (quick_run / "best.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("method", ["static", "qat"])
+def test_int8_pt2_loads_in_fresh_process_and_matches(method, quick_run, sample_cache, tmp_path):
+    from compression.compress import do_qat, do_static
+
+    model, cfg = art.load_run(quick_run)
+    cache, adapter, x = _batch(sample_cache, cfg)
+    out = tmp_path / method
+    out.mkdir()
+    info, converted = (do_static if method == "static" else do_qat)(model, cfg, cache, adapter, out, quick=True)
+    art.inference_ready(converted)
+    with torch.no_grad():
+        in_memory = converted(x)
+        fp32 = art.load_run(quick_run)[0](x)
+    assert (torch.sigmoid(in_memory) - torch.sigmoid(fp32)).abs().max() < (0.05 if method == "static" else 0.2)
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = (f"import sys, numpy as np, torch; sys.path.insert(0, {str(REPO)!r});"
+            f"from shared.artifacts import load_exported;"
+            f"m = load_exported({str(out / 'model.pt2')!r});"
+            f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), in_memory.numpy(), atol=1e-5)
+    assert (out / "model.pt2").stat().st_size < 0.5 * (quick_run / "best.safetensors").stat().st_size
