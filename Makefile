@@ -1,5 +1,6 @@
 # PTB-XL ECG diagnosis with image models and compression. `make help` lists the targets.
 # Every target depends on the virtual environment, so on a fresh machine `make <anything>` just works.
+.DEFAULT_GOAL := help
 
 PYTHON        ?= .venv/bin/python
 PTBXL_DIR     ?=
@@ -17,7 +18,9 @@ REPR       ?=
 CONFIG     ?= default
 TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR))
 
-.PHONY: help setup data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
+.PHONY: all help setup data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
+
+all: data train-all compress-all  ## the whole pipeline so far: data → train-all → compress-all (PTBXL_DIR, PROFILE)
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
