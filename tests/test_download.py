@@ -23,10 +23,7 @@ import pytest
 from data_prep.download import DownloadError, extract_zip_safely, fetch_ptbxl, main
 from shared.io import sha256_file
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("PTBXL_SAMPLE", REPO.parent / "shared" / "ptbxl-sample"))
-pytestmark = pytest.mark.skipif(not (SAMPLE / "SHA256SUMS.txt").is_file(),
-                                reason=f"PTB-XL sample not found at {SAMPLE} (set PTBXL_SAMPLE)")
+from conftest import SAMPLE  # noqa: E402  (missing sample: the fixtures fail loudly, nothing is skipped)
 
 RECORDS100 = [f"records100/00000/{i:05d}_lr.{ext}" for i in range(1, 11) for ext in ("hea", "dat")]
 RECORDS500 = [f"records500/00000/{i:05d}_hr.{ext}" for i in range(1, 3) for ext in ("hea", "dat")]
