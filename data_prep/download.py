@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Download PTB-XL from PhysioNet for one sampling rate, verifying every file's sha256 "
                     "against the release's SHA256SUMS.txt. Interrupted or partial downloads resume; "
                     "files already verified are skipped, so rerunning is cheap.",
-        epilog=f"Offline? Use a local copy instead: make data PTBXL_DIR=/path/to/ptb-xl (or a .zip). "
-               f"Exit status 2 on any download failure.")
+        epilog="Offline? Use a local copy instead: make data PTBXL_DIR=/path/to/ptb-xl (or a .zip). "
+               "Exit status 2 on any download failure.")
     parser.add_argument("--dest", type=Path, required=True, help="folder to download into (created if missing)")
     parser.add_argument("--sampling-rate", type=int, choices=(100, 500), required=True,
                         help="which records to fetch: records100/ (~0.4 GB) or records500/ (~2 GB)")

@@ -6,7 +6,6 @@ fast offline failure, bounded parallelism; plus zip extraction that cannot escap
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
