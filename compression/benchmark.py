@@ -71,9 +71,12 @@ def main(argv=None) -> int:
             if variant == "fp32":
                 val, test = run_metrics["val"]["macro_auc"], run_metrics["test"]["macro_auc"]
             else:
-                with autocast(torch.device("cpu"), True):
-                    val, test = (scores(*reversed(predict_dataset(fp32, ECGDataset(cache, s), adapter)[::-1]),
-                                        cache.classes)["macro_auc"] for s in ("val", "test"))
+                aucs = []
+                for split in ("val", "test"):
+                    with autocast(torch.device("cpu"), True):
+                        probs, labels = predict_dataset(fp32, ECGDataset(cache, split), adapter)
+                    aucs.append(scores(labels, probs, cache.classes)["macro_auc"])
+                val, test = aucs
         else:
             if not (vdir / "metrics.json").exists():
                 print(f"skip {variant}: {vdir} has no finished variant (make compress-<model>)")
