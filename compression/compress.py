@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
 from shared import artifacts as art  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import library_versions, read_json, write_json_atomic  # noqa: E402
+from shared.io import library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
 from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
 from shared.training import InputAdapter, predict_dataset, scores, train_step  # noqa: E402
@@ -49,7 +49,7 @@ QUICK_MAX_BATCHES = 3
 warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
 
 
-def example_input(cfg: dict, cache, adapter: InputAdapter, n: int = 2) -> torch.Tensor:
+def example_input(cache, adapter: InputAdapter, n: int = 2) -> torch.Tensor:
     x, _ = ECGDataset(cache, "train").__getitems__(range(n))
     return adapter.eval_inputs(x)[0][:n]
 
@@ -120,7 +120,6 @@ def do_prune(model, cfg, cache, adapter, out: Path, quick: bool, amount=PRUNE_AM
     pruned_total = sum(sd[k].numel() for k in sparse_keys)
     pruned_zero = sum(int((sd[k] == 0).sum()) for k in sparse_keys)
     art.save_sparse(out / "sparse.safetensors", sd, sparse_keys)
-    from shared.io import save_weights
     save_weights(out / "dense.safetensors", sd)  # kept to report the dense size beside the sparse one
     total, nonzero = art.nonzero_parameters(sd)
     return {"artifact": "sparse.safetensors", "amount": amount, "layers": layers, "global": global_threshold,
@@ -149,7 +148,7 @@ def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int =
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from tqdm import tqdm
 
-    example = example_input(cfg, cache, adapter)
+    example = example_input(cache, adapter)
     batch = torch.export.Dim("batch", min=1, max=4096)
     graph = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_pt2e(graph, _quantizer(False))
@@ -170,7 +169,7 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    example = example_input(cfg, cache, adapter, n=4)
+    example = example_input(cache, adapter, n=4)
     batch = torch.export.Dim("batch", min=2, max=4096)
     graph = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_qat_pt2e(graph, _quantizer(True))
