@@ -18,10 +18,14 @@ ALL_MODELS := $(MODELS_2D) $(MODELS_1D)
 REPR       ?=
 CONFIG     ?= default
 TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR))
+TRIALS     ?= 20
+TIMEOUT    ?= 3600
+OPTUNA_STORAGE ?=
+export OPTUNA_STORAGE
 
-.PHONY: all help setup data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
+.PHONY: all help setup eval-all eval report predict data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
 
-all: data train-all compress-all  ## the whole pipeline so far: data → train-all → compress-all (PTBXL_DIR, PROFILE)
+all: data train-all compress-all eval-all report  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE)
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -55,6 +59,12 @@ bakeoff: train-all  ## also train the four 2-D families with the seed recipe, th
 summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs/summary-<profile>.md)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
+.PHONY: tune-all
+tune-%: data  ## Optuna-tune one model on validation AUC (PROFILE, TRIALS=20 in total, TIMEOUT=3600 s, OPTUNA_STORAGE)
+	$(PYTHON) -m models.tune --model $* --profile $(PROFILE) --trials $(TRIALS) --timeout $(TIMEOUT)
+
+tune-all: $(addprefix tune-,$(ALL_MODELS))  ## tune every model; then `make train-all CONFIG=tuned`
+
 prune-%: $(VENV_STAMP)  ## L1-prune 40 % of the conv weights of a trained model, fine-tune, make permanent
 	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods prune
 
@@ -70,6 +80,18 @@ bench-compress-%: $(VENV_STAMP)  ## size / AUC / CPU throughput of fp32, bf16 an
 prune-all: $(addprefix prune-,$(ALL_MODELS))  ## prune every trained model
 quantize-all: $(addprefix quantize-,$(ALL_MODELS))  ## quantize every trained model
 compress-all: prune-all quantize-all  ## every compression of every trained model
+
+eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency); skips up-to-date results
+	$(PYTHON) -m eval.evaluate --all
+
+eval: $(VENV_STAMP)  ## score ARTIFACT=<run or variant folder> on DATA=<PTB-XL-layout folder> (FOLDS=, IDS=)
+	$(PYTHON) -m eval.evaluate --artifact $(ARTIFACT) $(if $(DATA),--data $(DATA)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(IDS),--ids $(IDS))
+
+report: $(VENV_STAMP)  ## HTML + Markdown report from the evaluation results (artifacts/report/)
+	$(PYTHON) -m eval.report
+
+predict: $(VENV_STAMP)  ## diagnose RECORDS="path/without/ext …" with MODEL=<run or variant folder> (JSON=1)
+	$(PYTHON) -m eval.predict $(RECORDS) --model $(MODEL) $(if $(JSON),--json)
 
 test: $(VENV_STAMP)  ## run the test suite
 	$(PYTHON) -m pytest -q

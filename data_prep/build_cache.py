@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shared import cache as cache_fmt  # noqa: E402
+from shared.config import parse_ranges  # noqa: E402
 from shared.io import library_versions, read_json, sha256_file, write_json_atomic  # noqa: E402
 from shared.paths import data_cache_dir, download_dir  # noqa: E402
 
@@ -40,15 +41,7 @@ class SourceError(RuntimeError):
 
 def parse_folds(text: str) -> list[int]:
     """'1-8' or '1,2,3' → [1, ..., 8]."""
-    folds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            folds.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            folds.append(int(part))
-    return folds
+    return parse_ranges(text)
 
 
 # ---------------------------------------------------------------- source

@@ -30,6 +30,36 @@ def parse_value(text: str):
         return text
 
 
+def parse_ranges(text: str) -> list[int]:
+    """'1-8' or '1,2,3' or '9' → a list of ints (folds, ecg_ids)."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"{text!r}: not a list like 1-8 or 1,2,3") from None
+    return out
+
+
+def search_space(model: str) -> dict:
+    """The [search] table of a model's config: {key: [choices] | {low, high[, log]}} (models/tune.py)."""
+    path = config_path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config for model {model!r}")
+    try:
+        space = tomllib.loads(path.read_text()).get("search", {})
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML ({e})") from None
+    if not space:
+        raise ValueError(f"{path}: no [search] table; add one to tune {model!r}")
+    return space
+
+
 def resolve(model: str, profile: str = "cpu", representation: str | None = None, config: str = "default",
             overrides: dict | None = None) -> dict:
     path = config_path(model)
@@ -42,6 +72,7 @@ def resolve(model: str, profile: str = "cpu", representation: str | None = None,
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
     reps, profiles = raw.pop("representations", {}), raw.pop("profiles", {})
+    raw.pop("search", None)  # the tuner's search space (search_space()), not a training key
     cfg = dict(raw)
     tuned = {}
     if config == "tuned":

@@ -1,9 +1,19 @@
-"""Metrics, from scikit-learn. Classes with a single label value in the data are left out of macro
-averages (their AUC is undefined) and reported as NaN."""
+"""Every metric the project reports, in one place, on scikit-learn where it has the metric.
+
+Conventions follow the PTB-XL benchmark (Strodthoff et al. 2021, code/utils/utils.py):
+- macro AUC over classes; a class with a single label value in the data is left out (its AUC is
+  undefined) and reported as NaN;
+- binary predictions use per-class thresholds, and a record with no class above its threshold gets its
+  highest-scoring class (every PTB-XL record kept has at least one class);
+- F-beta / G-beta (beta = 2) are the PhysioNet/CinC 2020 challenge metrics, each record weighted by
+  1 / its number of true labels;
+- 95 % confidence intervals are percentiles of bootstrap resamples, each resample drawn again until
+  it contains every class (positive and negative) that the full set contains.
+"""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_curve, roc_auc_score
 
 
 def per_class_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
@@ -17,3 +27,90 @@ def per_class_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
 def macro_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     aucs = per_class_auc(y_true, y_score)
     return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+
+
+# ------------------------------------------------------------------ thresholds (fitted on validation only)
+def tune_thresholds(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """Per class, the score cut-off with the best F1 on the given (validation) data; 0.5 for a class
+    without positives. Callers pass validation predictions only — test labels never reach this."""
+    thresholds = np.full(y_true.shape[1], 0.5)
+    for k in range(y_true.shape[1]):
+        if y_true[:, k].sum() == 0:
+            continue
+        precision, recall, cut = precision_recall_curve(y_true[:, k], y_score[:, k])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        thresholds[k] = float(cut[int(np.argmax(f1))])
+    return thresholds
+
+
+def apply_thresholds(y_score: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Binary N×C predictions: score ≥ threshold, and the top class for records where none passes."""
+    pred = (y_score >= np.asarray(thresholds)[None, :]).astype(np.uint8)
+    empty = pred.sum(axis=1) == 0
+    pred[np.flatnonzero(empty), np.argmax(y_score[empty], axis=1)] = 1
+    return pred
+
+
+# ------------------------------------------------------------------ threshold metrics
+def challenge_scores(y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0) -> tuple[float, float]:
+    """(F-beta macro, G-beta macro) of the PhysioNet/CinC challenge, as the PTB-XL benchmark computes them."""
+    y_true = y_true.astype(bool)
+    y_pred = y_pred.astype(bool)
+    weight = 1.0 / np.maximum(y_true.sum(axis=1), 1)[:, None]
+    tp = ((y_true & y_pred) * weight).sum(axis=0)
+    fp = ((~y_true & y_pred) * weight).sum(axis=0)
+    fn = ((y_true & ~y_pred) * weight).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_beta = (1 + beta ** 2) * tp / ((1 + beta ** 2) * tp + fp + beta ** 2 * fn)
+        g_beta = tp / (tp + fp + beta * fn)
+    return float(np.nanmean(f_beta)), float(np.nanmean(g_beta))
+
+
+def point_metrics(y_true: np.ndarray, y_score: np.ndarray, thresholds: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Every reported metric of one set of predictions: scalars, and per-class arrays (keys ending _per_class)."""
+    y_pred = apply_thresholds(y_score, thresholds)
+    f_beta, g_beta = challenge_scores(y_true, y_pred)
+    return {
+        "macro_auc": macro_auc(y_true, y_score),
+        "auc_per_class": per_class_auc(y_true, y_score),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "f1_per_class": f1_score(y_true, y_pred, average=None, zero_division=0).astype(float),
+        "exact_match_accuracy": float(accuracy_score(y_true, y_pred)),
+        "f_beta2": f_beta,
+        "g_beta2": g_beta,
+    }
+
+
+# ------------------------------------------------------------------ bootstrap confidence intervals
+def bootstrap_indices(y_true: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                      max_draws_factor: int = 20) -> np.ndarray:
+    """n_resamples × N index arrays drawn with replacement; each contains every class the full set has
+    (as positive and as negative), so per-class AUC is defined in every resample."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    has_pos = y_true.sum(axis=0) > 0
+    has_neg = (1 - y_true).sum(axis=0) > 0
+    out = []
+    for _ in range(n_resamples * max_draws_factor):
+        idx = rng.integers(0, n, n)
+        sample = y_true[idx]
+        if ((sample.sum(axis=0) > 0) >= has_pos).all() and (((1 - sample).sum(axis=0) > 0) >= has_neg).all():
+            out.append(idx)
+            if len(out) == n_resamples:
+                return np.stack(out)
+    raise ValueError(f"could not draw {n_resamples} bootstrap resamples containing every class from {n} records")
+
+
+def bootstrap_ci(y_true: np.ndarray, y_score: np.ndarray, thresholds: np.ndarray, n_resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict[str, tuple]:
+    """{metric: (low, high)} percentile intervals of point_metrics over resamples (thresholds held fixed);
+    per-class metrics give arrays of lows and highs."""
+    if n_resamples <= 0 or len(y_true) < 2:
+        return {}
+    draws: dict[str, list] = {}
+    for idx in bootstrap_indices(y_true, n_resamples, seed):
+        for k, v in point_metrics(y_true[idx], y_score[idx], thresholds).items():
+            draws.setdefault(k, []).append(v)
+    alpha = (1 - level) / 2
+    return {k: (np.nanquantile(np.asarray(v, float), alpha, axis=0),
+                np.nanquantile(np.asarray(v, float), 1 - alpha, axis=0)) for k, v in draws.items()}

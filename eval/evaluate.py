@@ -1,0 +1,422 @@
+"""Score every trained and compressed artifact the same way: `python -m eval.evaluate --all` (`make eval-all`).
+
+For each artifact — a training run's fp32 weights, the same weights under bf16 autocast, and every
+finished variant under artifacts/compressed/<run>/ (pruned, dynamic, static, QAT, ONNX) — it computes on
+the cached validation and test folds: macro and per-class AUC, macro and per-class F1 at per-class
+thresholds tuned on VALIDATION only, sample-wise exact-match accuracy, the benchmark's F-beta / G-beta
+(beta = 2), with seeded 95 % bootstrap intervals on test; and on this CPU: file size, parameters and
+non-zeros, batch-1 latency (median, p95), batch-32 throughput at 1 and 2 threads, and peak RSS.
+
+Each artifact is scored in its own process (clean peak-RSS figures; one broken artifact cannot stop the
+rest) and skipped when its result is newer than the artifact. Writes
+  artifacts/eval/<run>/<variant>/result.json + predictions.npz
+  artifacts/eval/results.json and results.csv (tidy: one row per artifact × split × metric × class)
+
+`--data DIR --artifact PATH` scores an artifact on any folder in PTB-XL layout instead (records unseen by
+training, another copy of PTB-XL, a single record), with the thresholds from its validation fold.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import artifacts as art  # noqa: E402
+from shared import metrics as M  # noqa: E402
+from shared.io import library_versions, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
+from shared.training import InputAdapter, autocast, predict_dataset  # noqa: E402
+
+# Knobs
+BOOTSTRAP = 1000            # resamples for the 95 % intervals
+BOOTSTRAP_SEED = 0
+CI_SPLITS = ("test",)       # splits that get intervals (validation only chooses thresholds)
+LATENCY_RUNS = 50           # batch-1 forward passes timed per thread count, after WARMUP
+THROUGHPUT_RUNS = 10        # batch-32 forward passes timed per thread count
+WARMUP = 5
+THREADS = (1, 2)
+THROUGHPUT_BATCH = 32
+MIN_RECORDS_FOR_CI = 20
+COMPILED = ("static", "qat")  # PT2E int8 graphs run int8 kernels only after inductor lowering
+
+warnings.filterwarnings("ignore")
+
+
+class Bf16Autocast(nn.Module):
+    """The fp32 network run under CPU bf16 autocast — the 'bf16' artifact."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with autocast(torch.device("cpu"), True):
+            return self.model(x).float()
+
+
+# ------------------------------------------------------------------ what there is to score
+def discover(root: Path | None = None) -> list[dict]:
+    """Every scoreable artifact: {id, run, variant, path, file}."""
+    found = []
+    for run in sorted((runs_dir(root)).glob("*/")):
+        if (run / "best.safetensors").exists() and (run / "metrics.json").exists():
+            for variant in ("fp32", "bf16"):
+                found.append({"id": f"{run.name}/{variant}", "run": run.name, "variant": variant, "path": run,
+                              "file": run / "best.safetensors"})
+    for vjson in sorted(compressed_dir(root).glob("*/*/variant.json")):
+        vdir = vjson.parent
+        if not (vdir / "metrics.json").exists():
+            continue  # unfinished variant
+        info = read_json(vjson)
+        found.append({"id": f"{vdir.parent.name}/{vdir.name}", "run": vdir.parent.name, "variant": vdir.name,
+                      "path": vdir, "file": vdir / info["artifact"]})
+    return found
+
+
+def result_dir(artifact_id: str, root: Path | None = None) -> Path:
+    return eval_dir(root) / artifact_id
+
+
+def is_fresh(item: dict) -> bool:
+    result = result_dir(item["id"]) / "result.json"
+    return result.exists() and result.stat().st_mtime > item["file"].stat().st_mtime
+
+
+def load_artifact(path: Path, variant: str):
+    model, cfg, info = art.load_variant(path, compiled=variant in COMPILED)
+    if variant == "bf16":
+        model = Bf16Autocast(model).eval()
+        info = {**info, "method": "bf16"}
+    return model, cfg, info
+
+
+# ------------------------------------------------------------------ metrics
+def split_metrics(y_true, y_prob, thresholds, classes, with_ci: bool, n_boot: int, seed: int) -> dict:
+    point = M.point_metrics(y_true, y_prob, thresholds)
+    out = {"records": int(len(y_true)), "positives": dict(zip(classes, y_true.sum(axis=0).astype(int).tolist()))}
+    for k, v in point.items():
+        out[k] = dict(zip(classes, _floats(v))) if k.endswith("_per_class") else _float(v)
+    if with_ci and n_boot > 0 and len(y_true) >= MIN_RECORDS_FOR_CI:
+        try:
+            ci = M.bootstrap_ci(y_true, y_prob, thresholds, n_boot, seed)
+        except ValueError as e:
+            out["ci_note"] = str(e)
+        else:
+            out["ci"] = {k: ({c: [lo, hi] for c, lo, hi in zip(classes, _floats(v[0]), _floats(v[1]))}
+                             if k.endswith("_per_class") else [_float(v[0]), _float(v[1])]) for k, v in ci.items()}
+            out["ci_resamples"], out["ci_seed"] = n_boot, seed
+    return out
+
+
+def _float(v):
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+def _floats(a):
+    return [_float(v) for v in np.asarray(a, float)]
+
+
+# ------------------------------------------------------------------ efficiency
+def time_forward(model, x: torch.Tensor, runs: int, warmup: int = WARMUP) -> np.ndarray:
+    """Seconds per forward pass, `runs` of them after `warmup` untimed ones."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def efficiency(model, example: torch.Tensor, latency_runs: int = LATENCY_RUNS) -> dict:
+    out = {"latency_runs": latency_runs}
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        lat = time_forward(model, example[:1], latency_runs)
+        out[f"latency_ms_b1_t{threads}"] = float(np.median(lat) * 1e3)
+        out[f"latency_p95_ms_b1_t{threads}"] = float(np.percentile(lat, 95) * 1e3)
+        thr = time_forward(model, example[:THROUGHPUT_BATCH], THROUGHPUT_RUNS, warmup=2)
+        out[f"throughput_b{THROUGHPUT_BATCH}_t{threads}"] = float(len(example[:THROUGHPUT_BATCH]) / np.median(thr))
+    torch.set_num_threads(max(THREADS))
+    return out
+
+
+def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of the network an artifact holds (int8 variants: of its fp32 parent)."""
+    if variant == "prune":
+        sd = art.load_sparse(path / read_json(path / "variant.json")["artifact"])
+    else:
+        run = Path(read_json(path / "variant.json")["run"]) if (path / "variant.json").exists() else path
+        from shared.io import load_weights
+
+        sd = load_weights(run / "best.safetensors")
+    return art.nonzero_parameters(sd)
+
+
+# ------------------------------------------------------------------ one artifact on the cache
+def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED, speed: bool = True,
+                      data_dir: Path | None = None, latency_runs: int = LATENCY_RUNS) -> dict:
+    from shared.cache import open_cache
+    from shared.dataset import ECGDataset
+
+    t0 = time.time()
+    path, variant = Path(item["path"]), item["variant"]
+    model, cfg, info = load_artifact(path, variant)
+    cache = open_cache(data_dir or cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
+    adapter = InputAdapter(cfg, cache.sampling_rate)
+    preds = {}
+    for split in ("val", "test"):
+        preds[split] = predict_dataset(model, ECGDataset(cache, split), adapter)
+    thresholds = M.tune_thresholds(*reversed(preds["val"]))  # (labels, probs) of validation only
+    classes = cache.classes
+    result = {
+        "artifact": item["id"], "run": item["run"], "variant": variant, "method": info.get("method", variant),
+        "model": cfg["model"], "representation": cfg["representation"], "profile": cfg.get("profile"),
+        "config": cfg.get("config", "default"), "path": str(path), "file": str(item["file"]),
+        "bytes": Path(item["file"]).stat().st_size, "classes": classes,
+        "thresholds": dict(zip(classes, map(float, thresholds))), "threshold_source": "validation fold, best F1 per class",
+        "splits": {s: split_metrics(preds[s][1], preds[s][0], thresholds, classes, s in CI_SPLITS, n_boot, seed)
+                   for s in preds},
+    }
+    result["params"], result["nonzero_params"] = parameter_counts(path, variant, cfg)
+    if speed:
+        x, _ = ECGDataset(cache, "val").__getitems__(range(THROUGHPUT_BATCH))
+        example = adapter.eval_inputs(x)[0][:THROUGHPUT_BATCH]
+        result["efficiency"] = efficiency(model, example, latency_runs)
+        result["efficiency"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["efficiency"]["cpu"] = _cpu_name()
+    result.update(seconds=round(time.time() - t0, 1), versions=library_versions(),
+                  evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    out = result_dir(item["id"])
+    out.mkdir(parents=True, exist_ok=True)
+    _save_predictions(out / "predictions.npz", preds, cache, classes)
+    write_json_atomic(out / "result.json", result)
+    return result
+
+
+def _save_predictions(path: Path, preds: dict, cache, classes) -> None:
+    import io
+
+    arrays = {"classes": np.asarray(classes)}
+    for split, (probs, labels) in preds.items():
+        arrays[f"{split}_probs"] = probs.astype(np.float32)
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)
+        arrays[f"{split}_ecg_id"] = cache.meta["ecg_id"].to_numpy()[cache.split_indices(split)]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------ one artifact on another folder
+def evaluate_on_folder(item: dict, folder: Path, folds: list[int] | None, ids: list[int] | None,
+                       n_boot: int, seed: int) -> dict:
+    from shared.inference import ArrayDataset, load_ptbxl_folder, normalize
+
+    path, variant = Path(item["path"]), item["variant"]
+    model, cfg, _ = load_artifact(path, variant)
+    thresholds = _validation_thresholds(item, model, cfg)
+    fs = cfg.get("sampling_rate", 100)
+    x, y, ecg_ids, problems = load_ptbxl_folder(folder, fs, folds, ids)
+    probs, labels = predict_dataset(model, ArrayDataset(normalize(x, cfg), y), InputAdapter(cfg, fs), chunk=64)
+    from shared.labels import CLASSES
+
+    result = {"artifact": item["id"], "data": str(folder.resolve()), "folds": folds, "ecg_ids": ecg_ids,
+              "skipped": problems, "thresholds": dict(zip(CLASSES, map(float, thresholds))),
+              "metrics": split_metrics(labels, probs, thresholds, list(CLASSES), True, n_boot, seed),
+              "probabilities": probs.round(5).tolist(), "versions": library_versions()}
+    out = eval_dir() / "external" / folder.resolve().name / item["id"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "result.json", result)
+    return result
+
+
+def _validation_thresholds(item: dict, model, cfg) -> np.ndarray:
+    """The artifact's thresholds from its cache evaluation; computed from the validation fold if missing."""
+    stored = result_dir(item["id"]) / "result.json"
+    if stored.exists():
+        return np.asarray(list(read_json(stored)["thresholds"].values()))
+    from shared.cache import open_cache
+    from shared.dataset import ECGDataset
+
+    cache = open_cache(cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
+    probs, labels = predict_dataset(model, ECGDataset(cache, "val"), InputAdapter(cfg, cache.sampling_rate))
+    return M.tune_thresholds(labels, probs)
+
+
+# ------------------------------------------------------------------ tables
+def tidy_rows(result: dict) -> list[dict]:
+    base = {k: result[k] for k in ("artifact", "run", "variant", "model", "representation", "profile")}
+    rows = []
+    for split, m in result["splits"].items():
+        ci = m.get("ci", {})
+        for key, value in m.items():
+            if key in ("ci", "ci_note", "ci_resamples", "ci_seed", "positives", "records"):
+                continue
+            if isinstance(value, dict):
+                for cls, v in value.items():
+                    lo, hi = ci.get(key, {}).get(cls, [None, None])
+                    rows.append({**base, "split": split, "metric": key.replace("_per_class", ""), "class": cls,
+                                 "value": v, "ci_low": lo, "ci_high": hi})
+            else:
+                lo, hi = ci.get(key, [None, None])
+                rows.append({**base, "split": split, "metric": key, "class": "", "value": value, "ci_low": lo,
+                             "ci_high": hi})
+    cpu = {"bytes": result["bytes"], "params": result["params"], "nonzero_params": result["nonzero_params"],
+           **{k: v for k, v in result.get("efficiency", {}).items() if k != "cpu"}}
+    rows += [{**base, "split": "cpu", "metric": k, "class": "", "value": v, "ci_low": None, "ci_high": None}
+             for k, v in cpu.items()]
+    return rows
+
+
+def write_tables(results: list[dict]) -> tuple[Path, Path]:
+    import csv
+    import io
+
+    root = eval_dir()
+    write_json_atomic(root / "results.json", {"results": results, "versions": library_versions()})
+    buf = io.StringIO()
+    fields = ["artifact", "run", "variant", "model", "representation", "profile", "split", "metric", "class",
+              "value", "ci_low", "ci_high"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        writer.writerows(tidy_rows(r))
+    write_text_atomic(root / "results.csv", buf.getvalue())
+    return root / "results.json", root / "results.csv"
+
+
+def collect() -> list[dict]:
+    out = []
+    for item in discover():
+        path = result_dir(item["id"]) / "result.json"
+        if path.exists():
+            out.append(read_json(path))
+    return out
+
+
+# ------------------------------------------------------------------ driver
+def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
+                 latency_runs: int = LATENCY_RUNS) -> int:
+    from tqdm import tqdm
+
+    items = [i for i in discover() if not only or only in i["id"]]
+    if not items:
+        print("error: no artifacts to evaluate under artifacts/runs or artifacts/compressed; run `make train-all`",
+              file=sys.stderr)
+        return 2
+    todo = [i for i in items if force or not is_fresh(i)]
+    print(f"{len(items)} artifacts, {len(items) - len(todo)} up to date, {len(todo)} to evaluate")
+    failures = []
+    for item in tqdm(todo, desc="eval-all", unit="artifact"):
+        args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--variant", item["variant"],
+                "--bootstrap", str(n_boot), "--latency-runs", str(latency_runs)] + ([] if speed else ["--no-speed"])
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+            failures.append(f"{item['id']}: {last}")
+            tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
+        else:
+            tqdm.write(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else item["id"])
+    json_path, csv_path = write_tables(collect())
+    print(f"wrote {json_path} and {csv_path}")
+    return 1 if failures else 0
+
+
+def resolve_item(path: Path, variant: str | None) -> dict:
+    path = path.resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such artifact folder")
+    if (path / "variant.json").exists():
+        info = read_json(path / "variant.json")
+        return {"id": f"{path.parent.name}/{path.name}", "run": path.parent.name, "variant": path.name,
+                "path": path, "file": path / info["artifact"]}
+    if (path / "best.safetensors").exists():
+        variant = variant or "fp32"
+        if variant not in ("fp32", "bf16"):
+            raise ValueError(f"{path}: a training run is scored as fp32 or bf16, not {variant!r}")
+        return {"id": f"{path.name}/{variant}", "run": path.name, "variant": variant, "path": path,
+                "file": path / "best.safetensors"}
+    raise FileNotFoundError(f"{path}: neither a training run (best.safetensors) nor a variant (variant.json)")
+
+
+def print_summary(result: dict) -> None:
+    m = result["splits"]["test"] if "splits" in result else result["metrics"]
+    ci = m.get("ci", {}).get("macro_auc")
+    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    auc = m["macro_auc"]
+    line = (f"{result['artifact']}: macro AUC {auc:.4f}{ci_text}" if auc is not None else
+            f"{result['artifact']}: macro AUC undefined (a class lacks positives or negatives)")
+    line += f", macro F1 {m['macro_f1']:.3f}, F2 {m['f_beta2']:.3f}, G2 {m['g_beta2']:.3f}, records {m['records']}"
+    if "efficiency" in result:
+        e = result["efficiency"]
+        line += f", {result['bytes'] / 1e6:.2f} MB, b1 {e['latency_ms_b1_t1']:.1f} ms (1 thread)"
+    print(line)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="every artifact, each in its own process (make eval-all)")
+    ap.add_argument("--artifact", type=Path, help="a run folder (artifacts/runs/<run>) or a variant folder "
+                                                  "(artifacts/compressed/<run>/<method>)")
+    ap.add_argument("--variant", choices=("fp32", "bf16"), default=None, help="for a run folder: fp32 (default) or bf16")
+    ap.add_argument("--data", type=Path, default=None, help="score on this PTB-XL-layout folder instead of the cache")
+    ap.add_argument("--folds", default=None, help="with --data: strat_folds to use, e.g. 10 or 1-8")
+    ap.add_argument("--ids", default=None, help="with --data: comma list of ecg_ids")
+    ap.add_argument("--only", default=None, help="with --all: only artifacts whose id contains this text")
+    ap.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="resamples for 95%% intervals (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=BOOTSTRAP_SEED)
+    ap.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurements")
+    ap.add_argument("--latency-runs", type=int, default=LATENCY_RUNS, help="timed batch-1 passes (default %(default)s)")
+    ap.add_argument("--force", action="store_true", help="re-evaluate artifacts whose results are up to date")
+    args = ap.parse_args(argv)
+    try:
+        if args.all and args.data is None:
+            return evaluate_all(args.force, args.bootstrap, not args.no_speed, args.only, args.latency_runs)
+        if args.artifact is None:
+            ap.error("give --all or --artifact PATH")
+        item = resolve_item(args.artifact, args.variant)
+        if args.data is not None:
+            from shared.config import parse_ranges
+
+            result = evaluate_on_folder(item, args.data, parse_ranges(args.folds) if args.folds else None,
+                                        parse_ranges(args.ids) if args.ids else None, args.bootstrap, args.seed)
+            result["artifact"] = f"{item['id']} on {args.data}"
+        else:
+            result = evaluate_artifact(item, args.bootstrap, args.seed, not args.no_speed,
+                                       latency_runs=args.latency_runs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Diagnose WFDB records with a trained or compressed model:
+`python -m eval.predict RECORD [RECORD …] --model ARTIFACT [--json]` (`make predict RECORDS=… MODEL=…`).
+
+RECORD is a WFDB record path without extension (e.g. ptbxl/records100/00000/00001_lr). Any sampling rate
+works: records are resampled to the model's rate, with a warning. ARTIFACT is a training run folder
+(artifacts/runs/<run>) or a variant folder (artifacts/compressed/<run>/<method>). Prints per-class
+probabilities and the labels at the per-class thresholds tuned on validation by `make eval-all` (0.5, with
+a warning, if the artifact has not been evaluated). Bad input → one line naming the file, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import artifacts as art  # noqa: E402
+from shared.inference import InputError, load_signal, normalize  # noqa: E402
+from shared.io import read_json  # noqa: E402
+from shared.labels import CLASSES  # noqa: E402
+from shared.paths import eval_dir  # noqa: E402
+from shared.training import InputAdapter  # noqa: E402
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def artifact_id(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}" if (path / "variant.json").exists() else f"{path.name}/fp32"
+
+
+def thresholds_for(path: Path) -> tuple[np.ndarray, str]:
+    result = eval_dir() / artifact_id(path) / "result.json"
+    if result.exists():
+        return np.asarray([read_json(result)["thresholds"][c] for c in CLASSES]), "validation (make eval-all)"
+    warnings.warn(f"{result}: not evaluated yet, using threshold {DEFAULT_THRESHOLD} for every class "
+                  "(run `make eval-all` for thresholds tuned on validation)", stacklevel=2)
+    return np.full(len(CLASSES), DEFAULT_THRESHOLD), "default 0.5"
+
+
+class Predictor:
+    """A loaded model plus everything needed to turn a record file into class probabilities."""
+
+    def __init__(self, artifact: Path, compiled: bool = False):
+        artifact = artifact.resolve()
+        if not artifact.exists():
+            raise InputError(f"{artifact}: no such model artifact")
+        try:
+            self.model, self.cfg, self.info = art.load_variant(artifact, compiled=compiled)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"{artifact}: not a loadable model artifact ({str(e).splitlines()[0]})") from None
+        self.fs = int(self.cfg.get("sampling_rate", 100))
+        self.adapter = InputAdapter(self.cfg, self.fs)
+        self.min_seconds = self.cfg.get("crop_seconds", 10.0)
+        self.thresholds, self.threshold_source = thresholds_for(artifact)
+        normalize(np.zeros((1, 12, 1), np.float32), self.cfg)  # fail now, not per record, if stats are missing
+
+    @torch.no_grad()
+    def probabilities(self, record: str | Path) -> np.ndarray:
+        signal = load_signal(record, self.fs, self.min_seconds)
+        x = torch.from_numpy(normalize(signal[None], self.cfg))
+        inputs, n_win = self.adapter.eval_inputs(x)
+        return torch.sigmoid(self.model(inputs).float()).reshape(n_win, -1).mean(0).numpy()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("records", nargs="+", help="WFDB record paths without extension")
+    ap.add_argument("--model", type=Path, required=True, help="run folder or compressed variant folder")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="lower static/QAT int8 graphs with inductor (int8 kernels; ~1 min once, then fast)")
+    ap.add_argument("--timing", action="store_true", help="print per-record milliseconds (read + preprocess + model)")
+    args = ap.parse_args(argv)
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            predictor = Predictor(args.model, compiled=args.compile)
+        rows = []
+        for record in args.records:
+            t0 = time.perf_counter()
+            probs = predictor.probabilities(record)
+            ms = (time.perf_counter() - t0) * 1e3
+            labels = [c for c, p, t in zip(CLASSES, probs, predictor.thresholds) if p >= t]
+            if not labels:  # as in evaluation: the top class when none passes its threshold
+                labels = [CLASSES[int(np.argmax(probs))]]
+            rows.append({"record": str(record), "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
+                         "labels": labels, "ms": round(ms, 2)})
+    except InputError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": str(args.model), "thresholds": dict(zip(CLASSES, predictor.thresholds.tolist())),
+                          "threshold_source": predictor.threshold_source, "predictions": rows}, indent=2))
+    else:
+        width = max(len(r["record"]) for r in rows)
+        print(f"{'record':<{width}}  " + "  ".join(f"{c:>5}" for c in CLASSES) + "  labels")
+        for r in rows:
+            print(f"{r['record']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:5.3f}" for c in CLASSES)
+                  + "  " + ",".join(r["labels"]))
+        print(f"thresholds ({predictor.threshold_source}): "
+              + ", ".join(f"{c} {t:.3f}" for c, t in zip(CLASSES, predictor.thresholds)))
+    if args.timing:
+        times = [r["ms"] for r in rows]
+        print(f"per record (read + preprocess + model): median {np.median(times):.1f} ms, max {max(times):.1f} ms "
+              f"over {len(times)} records, {torch.get_num_threads()} thread(s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""`make report`: one self-contained HTML page (figures embedded) and its Markdown twin from the files the
+earlier stages wrote — artifacts/eval/results.json + predictions, the training runs' metrics, the data
+cache and any tuning studies. Reads files only; trains and measures nothing.
+
+Writes artifacts/report/report.html, report.md and figures/*.png.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared.io import library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
+from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir  # noqa: E402
+
+# Quoted, not measured here: test-fold (fold 10) macro AUC on the FULL PTB-XL, diagnostic superclasses,
+# from the PTB-XL benchmark leaderboard (Strodthoff et al., IEEE JBHI 2021, doi:10.1109/JBHI.2020.3022989;
+# github.com/helme/ecg_ptbxl_benchmarking). "(05)" there = ±0.005 bootstrap uncertainty.
+PUBLISHED = [("resnet1d_wang", 0.930, 0.005), ("xresnet1d101", 0.928, 0.005), ("lstm", 0.927, 0.005),
+             ("fcn_wang", 0.925, 0.006), ("inception1d", 0.921, 0.006), ("lstm_bidir", 0.921, 0.006),
+             ("Wavelet+NN", 0.874, 0.007)]
+PUBLISHED_SOURCE = ("Strodthoff et al., Deep Learning for ECG Analysis: Benchmarks and Insights from PTB-XL, "
+                    "IEEE JBHI 25(5), 2021 — leaderboard 'PTB-XL: Diagnostic superclasses'")
+LATENCY_KEY = "latency_ms_b1_t1"
+FIG_DPI = 110
+
+
+# ------------------------------------------------------------------ inputs
+def load_results() -> list[dict]:
+    path = eval_dir() / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no evaluation results; run `make eval-all` first")
+    results = read_json(path)["results"]
+    if not results:
+        raise ValueError(f"{path}: holds no results; run `make eval-all`")
+    return results
+
+
+def test_auc(r: dict) -> float:
+    v = r["splits"]["test"]["macro_auc"]
+    return -1.0 if v is None else v
+
+
+def data_counts() -> list[dict] | None:
+    """Records per split and class, from the first cache found."""
+    for fs in (100, 500):
+        root = data_cache_dir(fs)
+        if (root / "manifest.json").exists():
+            import pandas as pd
+
+            meta = pd.read_csv(root / "meta.csv")
+            labels = np.load(root / "labels.npy")
+            classes = read_json(root / "manifest.json")["classes"]
+            rows = []
+            for split in ("train", "val", "test"):
+                sel = meta["split"].to_numpy() == split
+                rows.append({"split": split, "records": int(sel.sum()), "sampling_rate": fs,
+                             **{c: int(labels[sel, i].sum()) for i, c in enumerate(classes)}})
+            return rows
+    return None
+
+
+def run_table() -> list[dict]:
+    rows = []
+    for m in sorted(runs_dir().glob("*/metrics.json")):
+        d = read_json(m)
+        cfg = read_json(m.parent / "config.json")
+        rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
+                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"),
+                     "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
+                     "train_s": d.get("train_seconds")})
+    return rows
+
+
+def seed_vs_default(runs: list[dict]) -> list[dict]:
+    from shared.config import resolve
+
+    out = []
+    for r in runs:
+        if r["representation"] != "seed" or r["config"] != "default":
+            continue
+        default_rep = resolve(r["model"], r["profile"])["representation"]
+        mate = next((d for d in runs if d["model"] == r["model"] and d["profile"] == r["profile"]
+                     and d["representation"] == default_rep and d["config"] == "default"), None)
+        if mate:
+            out.append({"model": r["model"], "default": default_rep, "seed_val": r["val"], "seed_test": r["test"],
+                        "default_val": mate["val"], "default_test": mate["test"]})
+    return out
+
+
+def tuned_vs_default(runs: list[dict]) -> list[dict]:
+    out = []
+    for r in runs:
+        if r["config"] != "tuned":
+            continue
+        mate = next((d for d in runs if d["model"] == r["model"] and d["profile"] == r["profile"]
+                     and d["config"] == "default" and d["representation"] == r["representation"]), None)
+        study = artifacts_root() / "tune" / r["model"] / "study.json"
+        s = read_json(study) if study.exists() else {}
+        out.append({"model": r["model"], "representation": r["representation"], "tuned_val": r["val"],
+                    "tuned_test": r["test"], "default_val": mate["val"] if mate else None,
+                    "default_test": mate["test"] if mate else None,
+                    "trials": s.get("n_trials", len(s.get("trials", [])) or None),
+                    "study_seconds": s.get("wall_seconds")})
+    return out
+
+
+# ------------------------------------------------------------------ figures
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIG_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_figure(result: dict) -> bytes:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    preds = np.load(eval_dir() / result["artifact"] / "predictions.npz")
+    classes = [str(c) for c in preds["classes"]]
+    y, p = preds["test_labels"], preds["test_probs"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k, c in enumerate(classes):
+        if 0 < y[:, k].sum() < len(y):
+            fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
+            auc = result["splits"]["test"]["auc_per_class"][c]
+            ax.plot(fpr, tpr, label=f"{c} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"ROC on the test fold — {result['artifact']}")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def scatter_figure(results: list[dict]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    runs = sorted({r["run"] for r in results})
+    colors = {run: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
+    by_id = {r["artifact"]: r for r in results}
+    for r in results:
+        e = r.get("efficiency")
+        if not e or r["splits"]["test"]["macro_auc"] is None:
+            continue
+        ax.scatter(e[LATENCY_KEY], r["splits"]["test"]["macro_auc"], s=max(12, r["bytes"] / 1e6 * 8),
+                   color=colors[r["run"]], alpha=0.6, edgecolor="k", linewidth=0.5)
+        ax.annotate(r["variant"], (e[LATENCY_KEY], r["splits"]["test"]["macro_auc"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+        parent = by_id.get(f"{r['run']}/fp32")
+        if parent and r["variant"] != "fp32" and parent.get("efficiency"):
+            ax.annotate("", xy=(e[LATENCY_KEY], r["splits"]["test"]["macro_auc"]),
+                        xytext=(parent["efficiency"][LATENCY_KEY], parent["splits"]["test"]["macro_auc"]),
+                        arrowprops={"arrowstyle": "->", "color": colors[r["run"]], "alpha": 0.5, "lw": 0.8})
+    for run in runs:
+        ax.scatter([], [], color=colors[run], label=run)
+    ax.set_xscale("log")
+    ax.set(xlabel="batch-1 latency on this CPU, 1 thread (ms, log scale)", ylabel="test macro AUC",
+           title="Accuracy vs CPU latency (marker area ∝ file size; arrows: fp32 → compressed)")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def bars_figure(rows: list[dict], a: str, b: str, labels: tuple[str, str], title: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r[a] or 0 for r in rows], 0.4, label=labels[0])
+    ax.bar(x + 0.2, [r[b] or 0 for r in rows], 0.4, label=labels[1])
+    ax.set_xticks(x, [r["model"] for r in rows])
+    lo = min([r[k] for r in rows for k in (a, b) if r[k]] + [0.5])
+    ax.set(ylim=(max(0.0, lo - 0.05), 1.0), ylabel="test macro AUC", title=title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ page
+def fmt(v, spec=".3f", empty="–"):
+    return empty if v is None else format(v, spec)
+
+
+def leaderboard(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["#", "artifact", "model", "input", "variant", "test macro AUC [95 % CI]", "val AUC", "test macro F1",
+            "F2", "G2", "size MB", "non-zeros", "b1 latency ms (median / p95, 1 thread)", "b32 samples/s (2 threads)",
+            "peak RSS MB"]
+    rows = []
+    for i, r in enumerate(sorted(results, key=test_auc, reverse=True), 1):
+        t, v = r["splits"]["test"], r["splits"]["val"]
+        ci = t.get("ci", {}).get("macro_auc")
+        e = r.get("efficiency", {})
+        rows.append([str(i), r["artifact"], r["model"], r["representation"], r["variant"],
+                     fmt(t["macro_auc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), fmt(v["macro_auc"]),
+                     fmt(t["macro_f1"]), fmt(t["f_beta2"]), fmt(t["g_beta2"]), f"{r['bytes'] / 1e6:.2f}",
+                     f"{r['nonzero_params']:,}",
+                     f"{fmt(e.get(LATENCY_KEY), '.1f')} / {fmt(e.get('latency_p95_ms_b1_t1'), '.1f')}",
+                     fmt(e.get("throughput_b32_t2"), ".0f"), fmt(e.get("peak_rss_mb"), ".0f")])
+    return head, rows
+
+
+def md_table(head, rows) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def html_table(head, rows) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build(out: Path) -> tuple[Path, Path]:
+    results = load_results()
+    runs = run_table()
+    sections: list[tuple[str, str, list]] = []  # (title, intro text, [("table", head, rows) | ("figure", name, png)])
+
+    counts = data_counts()
+    if counts:
+        classes = [k for k in counts[0] if k not in ("split", "records", "sampling_rate")]
+        sections.append(("Data", f"PTB-XL records in the cache ({counts[0]['sampling_rate']} Hz), per split and "
+                         "diagnostic superclass (a record can have several classes).",
+                         [("table", ["split", "records"] + classes,
+                           [[c["split"], str(c["records"])] + [str(c[k]) for k in classes] for c in counts])]))
+
+    head, rows = leaderboard(results)
+    ci_info = next((r["splits"]["test"] for r in results if "ci" in r["splits"]["test"]), {})
+    sections.append(("Leaderboard", f"Every artifact, sorted by test macro AUC. Thresholds for F1 / F2 / G2 are tuned "
+                     f"per class on the validation fold only. Intervals: {ci_info.get('ci_resamples', 'no')} bootstrap "
+                     f"resamples of the test fold (seed {ci_info.get('ci_seed', '–')}), percentile 95 %. Latency and "
+                     f"throughput measured on: {results[0].get('efficiency', {}).get('cpu', 'this CPU')}.",
+                     [("table", head, rows)]))
+
+    with_auc = [r for r in results if r["splits"]["val"]["macro_auc"] is not None]
+    if with_auc:
+        best = max(with_auc, key=lambda r: r["splits"]["val"]["macro_auc"])
+        sections.append(("ROC curves of the best model", f"{best['artifact']} — chosen by VALIDATION macro AUC "
+                         f"({best['splits']['val']['macro_auc']:.4f}); curves on the test fold.",
+                         [("figure", "roc.png", roc_figure(best))]))
+    if any(r.get("efficiency") for r in results):
+        sections.append(("Accuracy vs CPU latency", "Each point is an artifact; arrows go from a run's fp32 model to "
+                         "its compressed variants.", [("figure", "auc_vs_latency.png", scatter_figure(results))]))
+
+    svd = seed_vs_default(runs)
+    if svd:
+        items = [("table", ["model", "default input", "seed val", "default val", "Δ val", "seed test", "default test",
+                            "Δ test"],
+                  [[s["model"], s["default"], fmt(s["seed_val"], ".4f"), fmt(s["default_val"], ".4f"),
+                    f"{s['default_val'] - s['seed_val']:+.4f}", fmt(s["seed_test"], ".4f"),
+                    fmt(s["default_test"], ".4f"), f"{s['default_test'] - s['seed_test']:+.4f}"] for s in svd]),
+                 ("figure", "seed_vs_default.png", bars_figure(svd, "seed_test", "default_test",
+                                                               ("seed preset 182×256", "default input"),
+                                                               "Seed preset vs default representation"))]
+        sections.append(("Seed preset vs default representation", "The original design's input (182×256 resize, 3 "
+                         "channels) against each family's default, same profile.", items))
+    tvd = tuned_vs_default(runs)
+    if tvd:
+        sections.append(("Tuned vs default", "Optuna-tuned configs (validation only) against the defaults.",
+                         [("table", ["model", "input", "default val", "tuned val", "default test", "tuned test",
+                                     "trials", "study s"],
+                           [[t["model"], t["representation"], fmt(t["default_val"], ".4f"), fmt(t["tuned_val"], ".4f"),
+                             fmt(t["default_test"], ".4f"), fmt(t["tuned_test"], ".4f"), fmt(t["trials"], "d"),
+                             fmt(t["study_seconds"], ".0f")] for t in tvd])]))
+    ours = {r["model"]: r for r in results if r["variant"] == "fp32"}
+    pub_rows = [[name, f"{auc:.3f} ± {unc:.3f}", fmt(ours[name]["splits"]["test"]["macro_auc"], ".4f")
+                 if name in ours else "–"] for name, auc, unc in PUBLISHED]
+    sections.append(("Published PTB-XL benchmark (quoted)", f"QUOTED, not measured here: {PUBLISHED_SOURCE}. Those "
+                     "models were trained and tested on the FULL PTB-XL (folds 1–8 / 10); ours may come from a sample "
+                     "and a CPU budget, so the columns are not directly comparable.",
+                     [("table", ["model", "published test macro AUC (full PTB-XL)", "ours, fp32 test"], pub_rows)]))
+    versions = read_json(eval_dir() / "results.json").get("versions") or library_versions()
+    commands = ["make data PTBXL_DIR=…", "make train-all PROFILE=…", "make compress-all PROFILE=…", "make eval-all",
+                "make report"]
+    sections.append(("How this was made", f"Commit {git_commit()}, generated {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+                     f"artifacts root {artifacts_root()}.",
+                     [("table", ["step", "command"], [[str(i + 1), c] for i, c in enumerate(commands)]),
+                      ("table", ["library", "version"], [[k, v] for k, v in versions.items()])]))
+    return write_pages(out, sections, len(results))
+
+
+def write_pages(out: Path, sections, n_artifacts: int) -> tuple[Path, Path]:
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    title = "PTB-XL ECG diagnosis: models, compression and evaluation"
+    md = [f"# {title}", "", f"{n_artifacts} artifacts evaluated.", ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{n_artifacts} artifacts evaluated.</p>"]
+    for name, intro, items in sections:
+        md += [f"## {name}", "", intro, ""]
+        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(intro)}</p>"]
+        for item in items:
+            if item[0] == "table":
+                md.append(md_table(item[1], item[2]))
+                body.append(html_table(item[1], item[2]))
+            else:
+                _, fname, png = item
+                write_bytes_atomic(figures / fname, png)
+                md += [f"![{name}](figures/{fname})", ""]
+                body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+                            f'{base64.b64encode(png).decode()}"></figure>')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:right}th{background:#f3f3f3}td:nth-child(2){text-align:left}img{max-width:100%}"
+             "h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}")
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    write_text_atomic(out / "report.html", page)
+    write_text_atomic(out / "report.md", "\n".join(md))
+    return out / "report.html", out / "report.md"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default artifacts/report)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    try:
+        html_path, md_path = build(args.out or report_dir())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {html_path} and {md_path} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

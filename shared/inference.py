@@ -1,0 +1,150 @@
+"""Getting raw WFDB records into a trained model the way training saw them — for evaluation on any
+PTB-XL-layout folder and for `predict`: the training cache's per-lead normalization, resampling to the
+model's rate, and a small in-memory dataset that `training.predict_dataset` accepts."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.records import RecordError, read_record
+
+
+class InputError(ValueError):
+    """Input a model cannot score; the message is one line naming the file and the problem."""
+
+
+def normalization(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-lead (mean, std) the model was trained with: the config's own copy when training saved one,
+    else the training cache's manifest."""
+    if "normalization" in cfg:
+        norm = cfg["normalization"]
+    else:
+        from shared.io import read_json
+        from shared.paths import data_cache_dir
+
+        candidates = [Path(cfg["data"]) / "manifest.json"] if cfg.get("data") else []
+        candidates.append(data_cache_dir(cfg.get("sampling_rate", 100)) / "manifest.json")
+        found = next((p for p in candidates if p.exists()), None)
+        if found is None:
+            raise InputError(f"{candidates[0]}: the model's training normalization is unknown (no config copy and "
+                             "no training cache); run `make data` with the training data")
+        norm = read_json(found)["normalization"]
+    return np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+
+
+def resample(signal: np.ndarray, fs_from: float, fs_to: float) -> np.ndarray:
+    """Polyphase resampling along time (anti-aliased), e.g. 500 → 100 Hz."""
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    if abs(fs_from - fs_to) < 1e-9:
+        return signal
+    ratio = Fraction(fs_to / fs_from).limit_denominator(1000)
+    return resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
+
+
+def load_signal(path: str | Path, sampling_rate: int, min_seconds: float) -> np.ndarray:
+    """One record (path without extension) as 12×T float32 mV at `sampling_rate`; warns when resampling."""
+    path = Path(path)
+    if path.suffix in (".hea", ".dat"):
+        path = path.with_suffix("")
+    try:
+        signal, fs = read_record(path, expected_seconds=None)
+    except RecordError as e:
+        raise InputError(str(e)) from None
+    if signal.shape[1] < min_seconds * fs:
+        raise InputError(f"{path}: {signal.shape[1] / fs:.2f} s long, the model needs at least {min_seconds:g} s")
+    if abs(fs - sampling_rate) > 1e-6:
+        warnings.warn(f"{path}: resampling {fs:g} Hz → {sampling_rate} Hz for the model", stacklevel=2)
+        signal = resample(signal, fs, sampling_rate)
+    return signal
+
+
+@dataclass
+class ArrayDataset:
+    """Normalized B×12×T records + labels in memory, with the `__getitems__` interface of ECGDataset."""
+    x: np.ndarray
+    y: np.ndarray
+    ids: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitems__(self, positions):
+        idx = np.asarray(list(positions), dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(self.x[idx])), torch.from_numpy(self.y[idx].astype(np.float32))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.y
+
+
+def normalize(x: np.ndarray, cfg: dict) -> np.ndarray:
+    mean, std = normalization(cfg)
+    return ((x - mean[None, :, None]) / std[None, :, None]).astype(np.float32)
+
+
+def fit_length(signals: list[np.ndarray], n_samples: int) -> np.ndarray:
+    """Stack records (each at least n_samples long) cut to their centre n_samples, the extent the cache holds."""
+    out = np.empty((len(signals), 12, n_samples), np.float32)
+    for i, s in enumerate(signals):
+        start = (s.shape[1] - n_samples) // 2
+        out[i] = s[:, start:start + n_samples]
+    return out
+
+
+def load_ptbxl_folder(folder: str | Path, sampling_rate: int, folds: list[int] | None = None,
+                      ecg_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+    """Records of any folder in PhysioNet's PTB-XL layout (ptbxl_database.csv, scp_statements.csv,
+    records100/ or records500/): (raw N×12×T at `sampling_rate`, labels N×5, ecg_ids, problems).
+    Records without a diagnostic class are dropped, as in training; unreadable ones are listed in problems."""
+    import csv
+
+    from shared.labels import LabelError, diagnostic_classes, multi_hot, parse_scp_codes, read_statements
+
+    folder = Path(folder)
+    db = folder / "ptbxl_database.csv"
+    if not db.exists():
+        raise InputError(f"{db}: not found — expected a folder in PTB-XL layout")
+    known, mapping = read_statements(folder / "scp_statements.csv")
+    with open(db, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    want_ids = set(int(i) for i in ecg_ids) if ecg_ids else None
+    signals, classes, ids, problems = [], [], [], []
+    for r in rows:
+        try:
+            ecg_id = int(float(r["ecg_id"]))
+            fold = int(float(r["strat_fold"])) if r.get("strat_fold") else None
+        except (KeyError, ValueError):
+            raise InputError(f"{db}: row {r.get('ecg_id')!r} lacks a numeric ecg_id/strat_fold") from None
+        if (want_ids is not None and ecg_id not in want_ids) or (folds and fold not in folds):
+            continue
+        try:
+            cls = diagnostic_classes(parse_scp_codes(r["scp_codes"]), known, mapping)
+        except LabelError as e:
+            problems.append(f"{db} ecg_id {ecg_id}: {e}")
+            continue
+        if not cls:
+            continue
+        own = "filename_lr" if sampling_rate == 100 else "filename_hr"
+        other = "filename_hr" if own == "filename_lr" else "filename_lr"
+        path = folder / r.get(own, "")
+        if not (r.get(own) and path.with_name(path.name + ".hea").exists()) and r.get(other):
+            path = folder / r[other]  # only the other rate is present: resample it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                signals.append(load_signal(path, sampling_rate, min_seconds=10.0))
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        classes.append(cls)
+        ids.append(ecg_id)
+    if not signals:
+        raise InputError(f"{folder}: no readable labelled records" + (f" ({problems[0]} …)" if problems else ""))
+    return fit_length(signals, 10 * sampling_rate), multi_hot(classes), ids, problems

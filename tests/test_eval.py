@@ -1,0 +1,212 @@
+"""Evaluation, report and prediction: metrics against hand-computed values, a quick run scored end to end,
+thresholds that never see test labels, predict on real and broken records, the report in a real browser."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+from shared import metrics as M
+
+
+# ------------------------------------------------------------------ metrics by hand
+def test_challenge_scores_match_hand_computation():
+    y = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    p = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    # weights 1/|labels|: row0 1, row1 1/2, row2 1, row3 (no label) 1
+    # class 0: TP row0 = 1; FN row1 = 0.5; FP row2 = 1  → F2 = 5·1/(5·1 + 1 + 4·0.5) = 5/8; G2 = 1/(1+1+2·0.5) = 1/3
+    # class 1: TP row1 0.5 + row2 1 = 1.5; FP 0; FN 0 → F2 = 1, G2 = 1
+    f2, g2 = M.challenge_scores(y, p)
+    assert f2 == pytest.approx((5 / 8 + 1) / 2)
+    assert g2 == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_point_metrics_and_thresholds_by_hand():
+    y = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])
+    s = np.array([[0.9, 0.2], [0.4, 0.1], [0.3, 0.8], [0.5, 0.7]])
+    thr = M.tune_thresholds(y, s)
+    # class 0: cutting at 0.9 gives F1 2/3, at 0.4 gives TP 2, FP 1 → 0.8 (best); class 1 separable at 0.7
+    assert thr == pytest.approx([0.4, 0.7])
+    m = M.point_metrics(y, s, np.array([0.6, 0.6]))
+    # preds: [1,0] [0→top class 0: 1,0] [0,1] [0,1] → all rows exactly right
+    assert m["exact_match_accuracy"] == 1.0
+    assert m["macro_f1"] == 1.0
+    assert m["macro_auc"] == pytest.approx((0.75 + 1.0) / 2)  # class 0: 0.4 < 0.5 misorders one pair of four
+
+
+def test_macro_auc_skips_single_valued_class():
+    y = np.array([[1, 0], [0, 0], [1, 0]])
+    s = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3]])
+    assert np.isnan(M.per_class_auc(y, s)[1])
+    assert M.macro_auc(y, s) == 1.0
+
+
+def test_bootstrap_is_seeded_and_every_resample_has_every_class():
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 3)) < 0.2).astype(int)
+    y[0] = 1
+    s = np.clip(y * 0.3 + rng.random((60, 3)) * 0.7, 0, 1)
+    a = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=100, seed=3)
+    b = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=100, seed=3)
+    c = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=100, seed=4)
+    assert a["macro_auc"] == b["macro_auc"] and a["macro_auc"] != c["macro_auc"]
+    lo, hi = a["macro_auc"]
+    assert lo < M.macro_auc(y, s) < hi
+    idx = M.bootstrap_indices(y, 200, seed=1)
+    assert (y[idx].sum(axis=1) > 0).all()  # every resample × class has a positive
+
+
+# ------------------------------------------------------------------ end to end on a quick run
+@pytest.fixture(scope="module")
+def scored(sample_cache, tmp_path_factory):
+    """A quick resnet1d_wang run in its own artifacts root, scored by `eval.evaluate --all`."""
+    root = tmp_path_factory.mktemp("artifacts")
+    run_module("models.train", "--model", "resnet1d_wang", "--profile", "quick", "--data", sample_cache,
+               "--out", root / "runs" / "resnet1d_wang-signal-quick", "--no-progress", "--set", "epochs=1",
+               check=True)
+    env = {"ARTIFACTS": str(root)}
+    r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return root, env
+
+
+def test_eval_all_writes_results_with_intervals_and_efficiency(scored):
+    root, env = scored
+    results = json.loads((root / "eval" / "results.json").read_text())["results"]
+    assert {r["variant"] for r in results} == {"fp32", "bf16"}
+    fp32 = next(r for r in results if r["variant"] == "fp32")
+    run_metrics = json.loads((root / "runs" / "resnet1d_wang-signal-quick" / "metrics.json").read_text())
+    assert fp32["splits"]["test"]["macro_auc"] == pytest.approx(run_metrics["test"]["macro_auc"], abs=1e-6)
+    lo, hi = fp32["splits"]["test"]["ci"]["macro_auc"]
+    assert lo <= fp32["splits"]["test"]["macro_auc"] <= hi
+    for key in ("macro_f1", "f_beta2", "g_beta2", "exact_match_accuracy"):
+        assert 0 <= fp32["splits"]["test"][key] <= 1
+    e = fp32["efficiency"]
+    assert e["latency_ms_b1_t1"] > 0 and e["latency_p95_ms_b1_t1"] >= e["latency_ms_b1_t1"]
+    assert e["throughput_b32_t2"] > 0 and e["peak_rss_mb"] > 50
+    csv = (root / "eval" / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("artifact,run,variant") and len(csv) > 50
+    again = run_module("eval.evaluate", "--all", env=env)
+    assert "2 up to date, 0 to evaluate" in again.stdout
+
+
+def test_thresholds_never_see_test_labels(scored, tmp_path):
+    """Flip every test label in a copy of the cache: thresholds stay, test metrics move."""
+    root, env = scored
+    cfg = json.loads((root / "runs" / "resnet1d_wang-signal-quick" / "config.json").read_text())
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg["data"], cache)
+    import pandas as pd
+    labels = np.load(cache / "labels.npy")
+    test_rows = pd.read_csv(cache / "meta.csv")["split"].to_numpy() == "test"
+    labels[test_rows] = 1 - labels[test_rows]
+    np.save(cache / "labels.npy", labels)
+    from eval import evaluate as E
+    item = E.resolve_item(root / "runs" / "resnet1d_wang-signal-quick", "fp32")
+    old = json.loads((root / "eval" / "resnet1d_wang-signal-quick" / "fp32" / "result.json").read_text())
+    os.environ["ARTIFACTS"] = str(tmp_path / "other")
+    try:
+        new = E.evaluate_artifact(item, n_boot=0, speed=False, data_dir=cache)
+    finally:
+        os.environ["ARTIFACTS"] = env["ARTIFACTS"]
+    assert new["thresholds"] == old["thresholds"]
+    assert new["splits"]["test"]["macro_auc"] == pytest.approx(1 - old["splits"]["test"]["macro_auc"], abs=1e-6)
+
+
+def test_evaluate_on_a_ptbxl_folder(scored, sample_dir):
+    root, env = scored
+    r = run_module("eval.evaluate", "--artifact", root / "runs" / "resnet1d_wang-signal-quick", "--data", sample_dir,
+                   "--folds", "10", "--bootstrap", "50", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((root / "eval" / "external" / sample_dir.name / "resnet1d_wang-signal-quick" / "fp32"
+                      / "result.json").read_text())
+    cached = json.loads((root / "eval" / "resnet1d_wang-signal-quick" / "fp32" / "result.json").read_text())
+    # the raw folder's fold 10 is the cache's test split, read and normalized the same way
+    assert out["metrics"]["records"] == cached["splits"]["test"]["records"]
+    assert out["metrics"]["macro_auc"] == pytest.approx(cached["splits"]["test"]["macro_auc"], abs=1e-4)
+    one = run_module("eval.evaluate", "--artifact", root / "runs" / "resnet1d_wang-signal-quick", "--data", sample_dir,
+                     "--ids", "1", env=env)
+    assert one.returncode == 0 and "records 1" in one.stdout, one.stderr[-1000:]
+
+
+# ------------------------------------------------------------------ predict
+def test_predict_real_records_table_and_json(scored, sample_dir):
+    root, env = scored
+    run = root / "runs" / "resnet1d_wang-signal-quick"
+    recs = [sample_dir / "records100" / "00000" / "00001_lr", sample_dir / "records500" / "00000" / "00002_hr"]
+    r = run_module("eval.predict", *recs, "--model", run, "--json", env=env)
+    assert r.returncode == 0, r.stderr[-1000:]
+    out = json.loads(r.stdout)
+    assert len(out["predictions"]) == 2 and out["threshold_source"].startswith("validation")
+    for p in out["predictions"]:
+        assert set(p["probabilities"]) == {"NORM", "MI", "STTC", "CD", "HYP"} and p["labels"]
+    assert "resampling 500 Hz → 100 Hz" in r.stderr
+    table = run_module("eval.predict", recs[0], "--model", run, env=env)
+    assert table.returncode == 0 and "00001_lr" in table.stdout and "NORM" in table.stdout
+
+
+def _write_record(folder: Path, name: str, signal: np.ndarray, fs: int = 100, leads=None) -> Path:
+    import wfdb
+    leads = leads or ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"][:signal.shape[1]]
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * signal.shape[1], sig_name=leads, p_signal=signal, fmt=["16"] * signal.shape[1],
+                adc_gain=[1000.0] * signal.shape[1], baseline=[0] * signal.shape[1], write_dir=str(folder))
+    return folder / name
+
+
+def test_predict_bad_inputs_one_line_and_nonzero_exit(scored, tmp_path):
+    root, env = scored
+    run = root / "runs" / "resnet1d_wang-signal-quick"
+    rng = np.random.default_rng(0)
+    six = _write_record(tmp_path, "six", rng.normal(0, 0.1, (1000, 6)))
+    short = _write_record(tmp_path, "short", rng.normal(0, 0.1, (100, 12)))
+    nan = _write_record(tmp_path, "nan", rng.normal(0, 0.1, (1000, 12)))
+    raw = np.fromfile(tmp_path / "nan.dat", dtype="<i2")
+    raw[5 * 12 + 3] = -32768  # the WFDB format-16 marker for an invalid sample
+    raw.tofile(tmp_path / "nan.dat")
+    cases = {tmp_path / "missing": "header file missing", six: "6 leads, expected 12", short: "needs at least",
+             nan: "NaN"}
+    for record, text in cases.items():
+        r = run_module("eval.predict", record, "--model", run, env=env)
+        lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("warning:")]
+        assert r.returncode == 2 and len(lines) == 1 and text in lines[0] and str(record.name) in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------ report in a browser
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_headless_chromium(scored, tmp_path):
+    root, env = scored
+    r = run_module("eval.report", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = root / "report" / "report.html"
+    md = (root / "report" / "report.md").read_text()
+    assert "resnet1d_wang-signal-quick/fp32" in md and "QUOTED" in md
+    for fig in ("roc.png", "auc_vs_latency.png"):
+        assert (root / "report" / "figures" / fig).stat().st_size > 5000
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium: .ci/run installs Debian's chromium with apt; it could not be installed here")
+    # a copy with a probe that writes, after load, whether every image decoded; the report itself has no script
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load',()=>{const im="
+                     "[...document.images];document.title='IMAGES '+im.length+' OK '+im.filter(i=>i.complete&&"
+                     "i.naturalWidth>0).length;});</script></body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
+             "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    title = dom.stdout.split("<title>")[1].split("</title>")[0]
+    n_images = md.count("![")
+    assert title == f"IMAGES {n_images} OK {n_images}", title
+    assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
+    shot = root / "report" / "screenshot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1400,3000", page.as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10000
