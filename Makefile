@@ -17,13 +17,20 @@ MODELS_1D  := resnet1d_wang xresnet1d101
 ALL_MODELS := $(MODELS_2D) $(MODELS_1D)
 REPR       ?=
 CONFIG     ?= default
-TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR))
+SET        ?=
+TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(foreach s,$(SET),--set $(s))
+
+# make demo: the whole pipeline in minutes on the PTB-XL sample beside the repo (or, without it, a synthetic
+# PTB-XL), in its own artifacts folder. Longer than the quick profile so the numbers mean something.
+DEMO_ARTIFACTS ?= $(CURDIR)/artifacts/demo
+DEMO_DATA      ?= $(firstword $(wildcard $(CURDIR)/../shared/ptbxl-sample))
+DEMO_SET       := --set epochs=6 --set max_train_records=100000 --set max_train_batches=35
 TRIALS     ?= 20
 TIMEOUT    ?= 3600
 OPTUNA_STORAGE ?=
 export OPTUNA_STORAGE
 
-.PHONY: all help setup eval-all eval report predict data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
+.PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
 
 all: data train-all compress-all eval-all report  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE)
 
@@ -92,6 +99,18 @@ report: $(VENV_STAMP)  ## HTML + Markdown report from the evaluation results (ar
 
 predict: $(VENV_STAMP)  ## diagnose RECORDS="path/without/ext …" with MODEL=<run or variant folder> (JSON=1)
 	$(PYTHON) -m eval.predict $(RECORDS) --model $(MODEL) $(if $(JSON),--json)
+
+demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → report in minutes (artifacts/demo/report)
+	@start=$$(date +%s); set -e; export ARTIFACTS=$(DEMO_ARTIFACTS); src="$(DEMO_DATA)"; \
+	if [ -z "$$src" ]; then src=$(DEMO_ARTIFACTS)/synth-ptbxl; \
+	  $(PYTHON) -m data_prep.synth --records 600 --out $$src; fi; \
+	$(PYTHON) -m data_prep.build_cache --ptbxl-dir $$src; \
+	for m in resnet1d_wang vit; do $(PYTHON) -m models.train --model $$m --profile quick $(DEMO_SET); done; \
+	$(PYTHON) -m compression.compress --model vit --profile quick --methods prune,dynamic,static; \
+	$(PYTHON) -m compression.compress --model resnet1d_wang --profile quick --methods prune,dynamic; \
+	$(PYTHON) -m eval.evaluate --all; \
+	$(PYTHON) -m eval.report --out $(DEMO_ARTIFACTS)/report; \
+	echo "demo finished in $$(( $$(date +%s) - start )) s: open $(DEMO_ARTIFACTS)/report/report.html"
 
 test: $(VENV_STAMP)  ## run the test suite
 	$(PYTHON) -m pytest -q
