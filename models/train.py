@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -75,7 +76,15 @@ def setup_distributed():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = True) -> dict:
+def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = True,
+          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True) -> dict:
+    """Train `cfg` into `out`; return metrics.json's content ({} on ranks other than 0).
+
+    on_epoch(epoch, record) runs on rank 0 after each epoch is logged and checkpointed (the tuner reports
+    val AUC to Optuna there; an exception it raises, e.g. optuna.TrialPruned, stops training and
+    propagates). evaluate_test=False never opens the test fold: metrics.json and predictions.npz then
+    hold validation only (tuning must not see test labels).
+    """
     from torch.utils.data.distributed import DistributedSampler
     from tqdm import tqdm
 
@@ -195,6 +204,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
             if progress:
                 print(f"{out.name} epoch {epoch + 1}: loss {record['train_loss']:.4f} val macro AUC {val_auc:.4f}"
                       f"{' *' if improved else ''}", flush=True)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, record)
 
     if world > 1:
         digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
@@ -206,15 +217,18 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
 
         model.load_state_dict(load_weights(best_path))
         val_probs, val_labels = predict_batches(model, val_loader, adapter, device, amp)
-        test_ds = ECGDataset(cache, "test")  # first and only look at the test fold
-        test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg.get("eval_batch_size", 64)),
-                                                  adapter, device, amp)
-        np.savez_compressed(out / "predictions.npz", val_probs=val_probs, val_labels=val_labels,
-                            test_probs=test_probs, test_labels=test_labels)
+        arrays, test = {"val_probs": val_probs, "val_labels": val_labels}, {}
+        if evaluate_test:
+            test_ds = ECGDataset(cache, "test")  # first and only look at the test fold
+            test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg.get("eval_batch_size", 64)),
+                                                      adapter, device, amp)
+            arrays.update(test_probs=test_probs, test_labels=test_labels)
+            test = {"test": scores(test_labels, test_probs, cache.classes)}
+        np.savez_compressed(out / "predictions.npz", **arrays)
         result = {
             "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
             "config": cfg["config"], "run": out.name,
-            "val": scores(val_labels, val_probs, cache.classes), "test": scores(test_labels, test_probs, cache.classes),
+            "val": scores(val_labels, val_probs, cache.classes), **test,
             "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "params": params,
             "checkpoint_bytes": best_path.stat().st_size, "train_seconds": round(state["train_seconds"], 1),
             "data_time_share": round(data_time / step_time, 4) if step_time else None,

@@ -1,0 +1,474 @@
+"""Tune a model's hyper-parameters with Optuna: `python -m models.tune --model vit --profile cpu --trials 20`.
+
+Each trial trains one config (models.train.train) on the train folds and is scored by validation (fold 9)
+macro AUC, reported every epoch so the pruner can stop a poor trial early. The test fold is never opened
+(train(..., evaluate_test=False)): tuning on it would leak into every number reported later. The search
+space is the [search] table of models/configs/<model>.toml; `--set KEY=VALUE` fixes a key for every trial
+(and takes it out of the search).
+
+The study lives in a database, so it survives kills and can be shared:
+  default    sqlite:///artifacts/tune/<model>/study.db — rerun the same command to resume; a trial that was
+             RUNNING when the process died is failed after its heartbeat goes stale and re-queued once with
+             the same parameters.
+  shared     OPTUNA_STORAGE=postgresql://user:pass@host/db (or --storage): N workers on N machines, each
+             running the same command, draw trials from one study (needs `pip install psycopg2-binary`).
+--trials is the study's total of finished (complete + pruned) trials, not this run's: a resumed run or a
+second worker does not overshoot. --timeout stops starting new trials after that many seconds.
+
+Writes artifacts/tune/<model>/:
+  study.db                the study (default storage)
+  trials/<n>/             trial n's training run (config.json, log.jsonl, best.safetensors, metrics.json)
+  best_config.toml        the best trial's tuned keys + representation: `make train-<model> CONFIG=tuned`
+  study.json              every trial (state, value, params, per-epoch AUC, seconds), the best, the storage
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import tomllib
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import config as config_mod  # noqa: E402
+from shared.io import library_versions, write_json_atomic, write_text_atomic  # noqa: E402
+from shared.nets import MODELS  # noqa: E402
+from shared.paths import artifacts_root, data_cache_dir  # noqa: E402
+
+# --- knobs ------------------------------------------------------------------------------------------------
+SAMPLER_SEED = 0          # trial n samples with a seed made of (SAMPLER_SEED, n): reproducible, and a resumed
+                          # run or a second worker never repeats another's draws (one seed per process would)
+TPE_STARTUP_TRIALS = 8    # random trials before TPE starts modelling the space
+PRUNE_STARTUP_TRIALS = 4  # MedianPruner: no pruning until this many trials have finished ...
+PRUNE_WARMUP_EPOCHS = 2   # ... nor in a trial's first epochs (val AUC during lr warm-up says little)
+HEARTBEAT_S = 60          # a RUNNING trial silent for 2 × this is stale (its process died): failed, re-queued
+MAX_RETRY = 1             # re-queue a stale trial once; a config that kills its process twice is dropped
+SQLITE_TIMEOUT_S = 60     # wait this long for SQLite's write lock (several local workers on one study.db)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TuneError(Exception):
+    """Bad input or environment: main() prints it as one line and exits 2."""
+
+
+def tune_dir(model: str) -> Path:
+    return artifacts_root() / "tune" / model
+
+
+def default_storage(model: str) -> str:
+    return f"sqlite:///{tune_dir(model) / 'study.db'}"
+
+
+def redact(url: str) -> str:
+    """The storage URL without its password (it goes into logs and study.json)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def open_storage(url: str, heartbeat: int):
+    """RDBStorage with heartbeats (stale RUNNING trials are failed and re-queued) and a SQLite lock timeout."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise TuneError(f"storage {url!r} is not a database URL "
+                        "(e.g. sqlite:////abs/path/study.db or postgresql://user:pass@host/db)") from None
+    kwargs = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    else:
+        kwargs = {"pool_pre_ping": True}
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    retry_stale = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    try:
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                                  heartbeat_stale_trial_callback=retry_stale)
+            except (IntegrityError, OperationalError) as e:
+                # workers started together race to create the tables of a new database; the loser retries
+                race = isinstance(e, IntegrityError) or "already exists" in str(e) or "locked" in str(e)
+                if not race or attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    except ModuleNotFoundError as e:
+        raise TuneError(f"storage {redact(url)}: the database driver is not installed ({e}); "
+                        f"for PostgreSQL: .venv/bin/python -m pip install psycopg2-binary") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TuneError(f"cannot open storage {redact(url)}: {type(e).__name__}: {first}") from None
+
+
+def check_space(model: str, space: dict, base: dict) -> None:
+    """Every [search] entry is `[choices]` or `{low, high[, log]}` over a key the config has (typos fail here)."""
+    where = f"{config_mod.config_path(model)} [search]"
+    for key, spec in space.items():
+        if key not in base:
+            raise TuneError(f"{where}: {key!r} is not a key of the {model} config")
+        if isinstance(spec, list):
+            if not spec or not all(isinstance(v, (str, int, float, bool)) for v in spec):
+                raise TuneError(f"{where}: {key} must list at least one string/number/bool choice")
+        elif isinstance(spec, dict):
+            low, high, log = spec.get("low"), spec.get("high"), spec.get("log", False)
+            extra = set(spec) - {"low", "high", "log"}
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+            if extra or not numbers or not low < high or not isinstance(log, bool) or (log and low <= 0):
+                raise TuneError(f"{where}: {key} must be {{ low = a, high = b[, log = true] }} with a < b "
+                                f"(a > 0 for log)")
+        else:
+            raise TuneError(f"{where}: {key} must be a list of choices or {{ low = a, high = b }}")
+
+
+def suggest(trial, space: dict, rep_keys: dict) -> dict:
+    """Draw one config. `representation` first; keys its [representations.<r>] table sets are not drawn
+    (seed fixes crop_seconds = 10: a drawn crop would change what the representation is)."""
+    params = {}
+    if "representation" in space:
+        params["representation"] = trial.suggest_categorical("representation", space["representation"])
+    fixed_by_rep = set(rep_keys.get(params.get("representation"), {}))
+    for key, spec in space.items():
+        if key == "representation" or key in fixed_by_rep:
+            continue
+        if isinstance(spec, list):
+            params[key] = trial.suggest_categorical(key, spec)
+        elif all(isinstance(v, int) for v in (spec["low"], spec["high"])):
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], log=spec.get("log", False))
+        else:
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
+    return params
+
+
+def make_sampler(seed: int):
+    """TPE, reseeded per trial from (seed, trial number), so draws depend on the trial, not on the process."""
+    import numpy as np
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._number, self._tpe = None, None
+
+        def _for(self, trial):
+            if trial.number != self._number:
+                self._number = trial.number
+                # SeedSequence mixes (seed, n): RandomState(0) and RandomState(3) start almost alike
+                mixed = int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0])
+                self._tpe = optuna.samplers.TPESampler(
+                    seed=mixed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True, group=True,
+                    constant_liar=True)
+            return self._tpe
+
+        def infer_relative_search_space(self, study, trial):
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial):
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            self._for(trial).after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            pass  # seeds are per trial already
+
+    return TrialSeededTPE()
+
+
+def make_pruner():
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS)
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"{v!r} cannot be written to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    raise ValueError(f"{v!r}: only strings, numbers and booleans go into best_config.toml")
+
+
+def write_toml(path: Path, values: dict, header: list[str]) -> None:
+    """Flat key = value TOML, written atomically and read back to check it says exactly `values`."""
+    lines = [f"# {h}" for h in header]
+    for k, v in values.items():
+        key = k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+        lines.append(f"{key} = {toml_value(v)}")
+    text = "\n".join(lines) + "\n"
+    if tomllib.loads(text) != values:
+        raise RuntimeError(f"{path}: TOML round trip changed the values")
+    write_text_atomic(path, text)
+
+
+def trial_record(t) -> dict:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+        else None
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "val_macro_auc_per_epoch": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            "seconds": round(seconds, 1) if seconds is not None else None,
+            "start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+            "run": t.user_attrs.get("run"), "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)}
+
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def running(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def write_outputs(study, model: str, profile: str, args, space: dict, fixed: dict, storage: str,
+                  wall: float, rep_default: str) -> dict | None:
+    """study.json always; best_config.toml once a trial has completed. Returns the best trial's record."""
+    from optuna.trial import TrialState
+
+    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = max(complete, key=lambda t: t.value) if complete else None
+    best_rec = None
+    d = tune_dir(model)
+    if best is not None:
+        values = {"representation": best.params.get("representation", fixed.get("representation", rep_default)),
+                  **{k: v for k, v in best.params.items() if k != "representation"}}
+        write_toml(config_mod.tuned_path(model), values, [
+            f"best of Optuna study {study.study_name!r} (profile {profile}): trial {best.number}, "
+            f"validation macro AUC {best.value:.4f}",
+            f"written by models/tune.py {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
+            f"use it: make train-{model} CONFIG=tuned"])
+        best_rec = {**trial_record(best), "config": values}
+    starts = [t["start"] for t in trials if t["start"]]
+    ends = [t["complete"] for t in trials if t["complete"]]
+    write_json_atomic(d / "study.json", {
+        "model": model, "profile": profile, "study": study.study_name, "storage": redact(storage),
+        "metric": "validation macro AUC (maximize); the test fold is never read",
+        "requested_trials": args.trials, "finished_trials": finished(study),
+        "states": {s.name: sum(t["state"] == s.name for t in trials) for s in TrialState
+                   if any(t["state"] == s.name for t in trials)},
+        "search_space": space, "fixed": fixed,
+        "sampler": {"name": "TPE", "seed": SAMPLER_SEED, "startup_trials": TPE_STARTUP_TRIALS},
+        "pruner": {"name": "MedianPruner", "startup_trials": PRUNE_STARTUP_TRIALS,
+                   "warmup_epochs": PRUNE_WARMUP_EPOCHS},
+        "best": best_rec, "best_config": str(config_mod.tuned_path(model)) if best else None,
+        "wall_seconds_this_run": round(wall, 1),
+        "trial_seconds_total": round(sum(t["seconds"] or 0 for t in trials), 1),
+        "study_span": [min(starts), max(ends)] if starts and ends else None,
+        "trials": trials, "versions": library_versions(),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return best_rec
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m models.tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"),
+                    help="training budget of each trial: quick | cpu | full (default: env PROFILE or cpu)")
+    ap.add_argument("--trials", type=int, default=20,
+                    help="finished (complete + pruned) trials the study should have in total (default 20)")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="start no new trial after this many seconds of this run; 0 = no limit (default 3600)")
+    ap.add_argument("--storage", default=os.environ.get("OPTUNA_STORAGE") or None,
+                    help="database URL (env OPTUNA_STORAGE; default sqlite:///artifacts/tune/<model>/study.db)")
+    ap.add_argument("--study", default=None, help="study name (default: the model name)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="fix a config key for every trial (removes it from the search)")
+    ap.add_argument("--data", type=Path, default=None, help="cache folder (default artifacts/data/ptbxl-<fs>hz)")
+    ap.add_argument("--heartbeat", type=int, default=HEARTBEAT_S,
+                    help=f"seconds between a trial's heartbeats; silent for 2x this = stale (default {HEARTBEAT_S})")
+    return ap.parse_args(argv)
+
+
+def run(args) -> int:
+    if args.model not in MODELS:
+        raise TuneError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    if args.profile not in config_mod.PROFILES:
+        raise TuneError(f"unknown profile {args.profile!r}; choose from {', '.join(config_mod.PROFILES)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TuneError("run the tuner as a plain process, not under torchrun: for parallel trials start several "
+                        "workers on one --storage")
+    if args.trials < 1 or args.timeout < 0 or args.heartbeat < 1:
+        raise TuneError("--trials and --heartbeat must be >= 1 and --timeout >= 0")
+    fixed = {}
+    for item in args.set:
+        if "=" not in item:
+            raise TuneError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        fixed[k.strip()] = config_mod.parse_value(v.strip())
+    try:
+        base = config_mod.resolve(args.model, args.profile, fixed.get("representation"), "default", fixed)
+        space = config_mod.search_space(args.model)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise TuneError(str(e)) from None
+    check_space(args.model, space, base)
+    space = {k: v for k, v in space.items() if k not in fixed}
+    if not space:
+        raise TuneError("every [search] key is fixed by --set: nothing to tune")
+    rep_keys = tomllib.loads(config_mod.config_path(args.model).read_text()).get("representations", {})
+    data_dir = args.data or data_cache_dir(base.get("sampling_rate", 100))
+
+    from shared.cache import CacheError, open_cache
+
+    try:
+        open_cache(data_dir)
+    except CacheError as e:
+        raise TuneError(str(e)) from None
+
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from report() below
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage_url = args.storage or default_storage(args.model)
+    storage = open_storage(storage_url, args.heartbeat)
+    name = args.study or args.model
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+                                    sampler=make_sampler(SAMPLER_SEED), pruner=make_pruner())
+    except Exception as e:
+        raise TuneError(f"cannot create study {name!r} in {redact(storage_url)}: {type(e).__name__}: {e}") from None
+    attrs = {"model": args.model, "profile": args.profile, "fixed": fixed}
+    seen = {k: study.user_attrs.get(k) for k in attrs}
+    if seen["profile"] is None:
+        for k, v in attrs.items():
+            study.set_user_attr(k, v)
+    elif seen != attrs:
+        raise TuneError(f"study {name!r} in {redact(storage_url)} was started with {seen}, not {attrs}; "
+                        "use the same --profile/--set, or --study NAME for a new study")
+
+    trials_root = tune_dir(args.model) / "trials"
+
+    from models.train import train
+
+    def objective(trial):
+        params = suggest(trial, space, rep_keys)
+        rep = params.get("representation") or fixed.get("representation")
+        cfg = config_mod.resolve(args.model, args.profile, rep, "default", {**fixed, **params})
+        out = trials_root / (str(trial.number) if name == args.model else f"{name}-{trial.number}")
+        out.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr("run", str(out))
+        write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "study": name, "trial": trial.number,
+                                                "params": params, "versions": library_versions()})
+
+        def on_epoch(epoch: int, record: dict) -> None:
+            trial.report(record["val_macro_auc"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: val macro AUC {record['val_macro_auc']:.4f}")
+
+        result = train(cfg, out, data_dir, resume=False, progress=False, on_epoch=on_epoch, evaluate_test=False)
+        trial.set_user_attr("epochs_run", result["epochs_run"])
+        return result["val"]["macro_auc"]
+
+    def report(study, t) -> None:
+        secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else 0
+        if t.state == TrialState.COMPLETE:
+            what = f"val macro AUC {t.value:.4f}"
+        elif t.state == TrialState.PRUNED and t.intermediate_values:
+            last = max(t.intermediate_values)
+            what = f"pruned at epoch {last} (val macro AUC {t.intermediate_values[last]:.4f})"
+        else:
+            what = t.state.name.lower()
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        try:
+            best = f"best {study.best_trial.number} ({study.best_value:.4f})"
+        except ValueError:
+            best = "no complete trial yet"
+        print(f"trial {t.number}: {what}, {secs:.0f} s, {params} | {finished(study)}/{args.trials} finished, {best}",
+              flush=True)
+
+    def fail_stale(study, t) -> None:
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial must not count as running below
+
+    import torch
+
+    t0 = time.time()
+    fail_stale(study, None)
+    done, busy = finished(study), running(study)
+    print(f"tuning {args.model} (profile {args.profile}): study {name!r} in {redact(storage_url)}, "
+          f"{done}/{args.trials} trials finished, {busy} running elsewhere", flush=True)
+    grace_end = time.time() + 2 * args.heartbeat + 1
+    if done < args.trials <= done + busy:
+        print(f"waiting up to {2 * args.heartbeat + 1} s for {busy} running trial(s): another worker's, or a "
+              "killed run's (failed and re-queued once its heartbeat is stale)", flush=True)
+    while done < args.trials <= done + busy and time.time() < grace_end:
+        time.sleep(1)
+        fail_stale(study, None)
+        done, busy = finished(study), running(study)
+    interrupted = False
+    if done >= args.trials:
+        print(f"the study already has {done} finished trials (--trials {args.trials}): nothing to run")
+    elif done + busy >= args.trials:
+        print(f"nothing to start: {done} finished + {busy} running elsewhere >= {args.trials}")
+    else:
+        try:
+            # Stop when finished + running-elsewhere trials reach --trials: workers sharing the study stop
+            # together instead of each running its own --trials.
+            study.optimize(objective, timeout=args.timeout or None, catch=(torch.OutOfMemoryError,), callbacks=[
+                report, fail_stale,
+                optuna.study.MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                    TrialState.RUNNING))])
+        except KeyboardInterrupt:
+            interrupted = True
+    fail_stale(study, None)
+    best = write_outputs(study, args.model, args.profile, args, space, fixed, storage_url, time.time() - t0,
+                         base["representation"])
+    d = tune_dir(args.model)
+    if best is None:
+        print(f"no complete trial yet; wrote {d / 'study.json'}")
+        return 130 if interrupted else 1
+    print(f"best: trial {best['number']}, val macro AUC {best['value']:.4f}; wrote {config_mod.tuned_path(args.model)} "
+          f"and {d / 'study.json'} ({finished(study)}/{args.trials} finished, {time.time() - t0:.0f} s)")
+    if interrupted:
+        print("interrupted: rerun the same command to continue the study")
+        return 130
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except TuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
