@@ -262,6 +262,17 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def training_normalization(data_dir: Path) -> dict:
+    """The cache's per-lead train statistics, kept with the run so the model can score raw records
+    (eval.predict) without the training cache."""
+    try:
+        from shared.io import read_json
+
+        return {"normalization": read_json(Path(data_dir) / "manifest.json")["normalization"]}
+    except (OSError, ValueError, KeyError):
+        return {}  # no cache yet: train() reports that with a clear error
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {}
@@ -283,7 +294,8 @@ def main(argv=None) -> int:
         print(f"{out}: already trained (metrics.json exists; --force to retrain)")
         return 0
     if int(os.environ.get("RANK", "0")) == 0:
-        write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "versions": library_versions()})
+        write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "versions": library_versions(),
+                                                **training_normalization(data_dir)})
     try:
         result = train(cfg, out, data_dir, args.resume, progress=not args.no_progress)
     except CacheError as e:

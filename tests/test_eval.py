@@ -139,6 +139,7 @@ def test_evaluate_on_a_ptbxl_folder(scored, sample_dir):
 def test_predict_real_records_table_and_json(scored, sample_dir):
     root, env = scored
     run = root / "runs" / "resnet1d_wang-signal-quick"
+    assert len(json.loads((run / "config.json").read_text())["normalization"]["mean"]) == 12  # self-contained run
     recs = [sample_dir / "records100" / "00000" / "00001_lr", sample_dir / "records500" / "00000" / "00002_hr"]
     r = run_module("eval.predict", *recs, "--model", run, "--json", env=env)
     assert r.returncode == 0, r.stderr[-1000:]
