@@ -343,6 +343,7 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
             tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
         else:
             tqdm.write(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else item["id"])
+            write_tables(collect())  # after each artifact, so an interrupted eval-all still feeds the report
     json_path, csv_path = write_tables(collect())
     print(f"wrote {json_path} and {csv_path}")
     return 1 if failures else 0
