@@ -30,7 +30,7 @@ TIMEOUT    ?= 3600
 OPTUNA_STORAGE ?=
 export OPTUNA_STORAGE
 
-.PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all
+.PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all export
 
 all: data train-all compress-all eval-all report  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE)
 
@@ -87,6 +87,12 @@ bench-compress-%: $(VENV_STAMP)  ## size / AUC / CPU throughput of fp32, bf16 an
 prune-all: $(addprefix prune-,$(ALL_MODELS))  ## prune every trained model
 quantize-all: $(addprefix quantize-,$(ALL_MODELS))  ## quantize every trained model
 compress-all: prune-all quantize-all  ## every compression of every trained model
+
+export-%: $(VENV_STAMP)  ## ONNX fp32 + ONNX Runtime static int8 (QDQ, calibrated) of a trained model's run
+	$(PYTHON) -m eval.export_onnx --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
+
+export: $(VENV_STAMP)  ## ONNX fp32 + int8 of the best run of PROFILE by val macro AUC
+	$(PYTHON) -m eval.export_onnx --best --profile $(PROFILE)
 
 eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency); skips up-to-date results
 	$(PYTHON) -m eval.evaluate --all

@@ -1,6 +1,7 @@
 """Side-by-side figures for one trained model and its compressed variants, in one process, on this CPU:
 file size, parameters / non-zeros, val and test macro AUC, and throughput (samples/s) at batch 1 and 32
-with 1 and 2 threads, for fp32, bf16 autocast, pruned, dynamic int8, static int8 and QAT int8.
+with 1 and 2 threads, for fp32, bf16 autocast, pruned, dynamic int8, static int8 and QAT int8, and the
+ONNX Runtime fp32 / int8 exports of eval/export_onnx.py (their sessions follow torch.set_num_threads).
 
 Prints a Markdown table and writes artifacts/compressed/<run>/benchmark.json. Asserts nothing.
 """
@@ -27,7 +28,7 @@ from shared.io import read_json, write_json_atomic  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset, scores  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "prune", "dynamic", "static", "qat")
+VARIANTS = ("fp32", "bf16", "prune", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8")
 BATCHES = (1, 32)
 THREADS = (1, 2)
 RUNS = 20          # timed forward passes per setting (after warm-up)
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
                 val, test = aucs
         else:
             if not (vdir / "metrics.json").exists():
-                print(f"skip {variant}: {vdir} has no finished variant (make compress-<model>)")
+                make = "export-<model>" if variant.startswith("onnx") else "compress-<model>"
+                print(f"skip {variant}: {vdir} has no finished variant (make {make})")
                 continue
             model, _, info = art.load_variant(vdir, compiled=variant in ("static", "qat"))
             m = read_json(vdir / "metrics.json")

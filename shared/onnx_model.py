@@ -1,0 +1,74 @@
+"""An ONNX Runtime session that behaves like a torch module in eval mode: tensors in, tensors out.
+
+`OnnxModel(path)(x)` runs the ONNX file on the CPU. Its thread count follows `torch.get_num_threads()` at
+call time (one session per thread count, made on first use), so code that sets torch's threads — the
+compression benchmark, predict_dataset callers — drives ONNX Runtime the same way; pass `threads=` to pin it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GRAPH_OPTIMIZATION = "all"     # disable | basic | extended | all (ORT's GraphOptimizationLevel)
+
+
+def session_options(threads: int, optimization: str = GRAPH_OPTIMIZATION):
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = levels[optimization]
+    so.log_severity_level = 3  # errors only: no warnings about unused initializers etc.
+    return so
+
+
+class OnnxModel:
+    """Callable wrapper of an onnxruntime.InferenceSession (CPU): float tensor N×… → float tensor N×classes."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, optimization: str = GRAPH_OPTIMIZATION):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: ONNX model not found")
+        self.threads = threads
+        self.optimization = optimization
+        self._sessions: dict[int, object] = {}
+        self.session(self.threads or torch.get_num_threads())  # fail now, not at the first batch
+
+    def session(self, threads: int):
+        s = self._sessions.get(threads)
+        if s is None:
+            import onnxruntime as ort
+
+            try:
+                s = ort.InferenceSession(str(self.path), session_options(threads, self.optimization),
+                                         providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+            self._sessions[threads] = s
+            self.input_name = s.get_inputs()[0].name
+            self.output_name = s.get_outputs()[0].name
+        return s
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def train(self, mode: bool = True) -> "OnnxModel":
+        if mode:
+            raise RuntimeError("an ONNX Runtime model cannot be trained")
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.session(self.threads or torch.get_num_threads())
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(s.run([self.output_name], {self.input_name: arr})[0])
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, threads={self.threads or 'torch'})"
