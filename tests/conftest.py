@@ -54,3 +54,23 @@ def synth_dir(synth_template, tmp_path) -> Path:
     dst = tmp_path / "ptbxl"
     shutil.copytree(synth_template, dst)
     return dst
+
+
+def _quick_run(model: str, representation: str, root: Path, sample_cache: Path) -> Path:
+    """A 1-epoch quick-profile run on the real sample; windows every 2.5 s (4 per record, not 7) to halve
+    every later evaluation. Shared by several test files: tests must not modify it."""
+    out = root / f"{model}-{representation}-quick"
+    run_module("models.train", "--model", model, "--profile", "quick", "--data", sample_cache, "--out", out,
+               "--no-progress", "--set", "max_train_batches=3", "--set", "epochs=1",
+               "--set", "eval_stride_seconds=2.5", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_vit_run(sample_cache, tmp_path_factory) -> Path:
+    return _quick_run("vit", "leads", tmp_path_factory.mktemp("runs"), sample_cache)
+
+
+@pytest.fixture(scope="session")
+def quick_resnet_run(sample_cache, tmp_path_factory) -> Path:
+    return _quick_run("resnet1d_wang", "signal", tmp_path_factory.mktemp("runs"), sample_cache)

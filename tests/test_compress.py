@@ -17,11 +17,8 @@ from shared.training import InputAdapter
 
 
 @pytest.fixture(scope="module")
-def quick_run(sample_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "vit-leads-quick"
-    run_module("models.train", "--model", "vit", "--profile", "quick", "--data", sample_cache, "--out", out,
-               "--no-progress", "--set", "max_train_batches=3", "--set", "epochs=1", check=True)
-    return out
+def quick_run(quick_vit_run):
+    return quick_vit_run
 
 
 def _batch(sample_cache, cfg, n=16):

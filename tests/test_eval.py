@@ -52,9 +52,9 @@ def test_bootstrap_is_seeded_and_every_resample_has_every_class():
     y = (rng.random((60, 3)) < 0.2).astype(int)
     y[0] = 1
     s = np.clip(y * 0.3 + rng.random((60, 3)) * 0.7, 0, 1)
-    a = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=100, seed=3)
-    b = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=100, seed=3)
-    c = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=100, seed=4)
+    a = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=60, seed=3)
+    b = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=60, seed=3)
+    c = M.bootstrap_ci(y, s, np.full(3, 0.5), n_resamples=60, seed=4)
     assert a["macro_auc"] == b["macro_auc"] and a["macro_auc"] != c["macro_auc"]
     lo, hi = a["macro_auc"]
     assert lo < M.macro_auc(y, s) < hi
@@ -64,12 +64,10 @@ def test_bootstrap_is_seeded_and_every_resample_has_every_class():
 
 # ------------------------------------------------------------------ end to end on a quick run
 @pytest.fixture(scope="module")
-def scored(sample_cache, tmp_path_factory):
-    """A quick resnet1d_wang run in its own artifacts root, scored by `eval.evaluate --all`."""
+def scored(quick_resnet_run, tmp_path_factory):
+    """The quick resnet1d_wang run copied into its own artifacts root, scored by `eval.evaluate --all`."""
     root = tmp_path_factory.mktemp("artifacts")
-    run_module("models.train", "--model", "resnet1d_wang", "--profile", "quick", "--data", sample_cache,
-               "--out", root / "runs" / "resnet1d_wang-signal-quick", "--no-progress", "--set", "epochs=1",
-               check=True)
+    shutil.copytree(quick_resnet_run, root / "runs" / "resnet1d_wang-signal-quick")
     env = {"ARTIFACTS": str(root)}
     r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -160,7 +158,7 @@ def _write_record(folder: Path, name: str, signal: np.ndarray, fs: int = 100, le
     return folder / name
 
 
-def test_predict_bad_inputs_one_line_and_nonzero_exit(scored, tmp_path):
+def test_predict_bad_inputs_one_line_and_nonzero_exit(scored, tmp_path, monkeypatch, capsys):
     root, env = scored
     run = root / "runs" / "resnet1d_wang-signal-quick"
     rng = np.random.default_rng(0)
@@ -172,10 +170,13 @@ def test_predict_bad_inputs_one_line_and_nonzero_exit(scored, tmp_path):
     raw.tofile(tmp_path / "nan.dat")
     cases = {tmp_path / "missing": "header file missing", six: "6 leads, expected 12", short: "needs at least",
              nan: "NaN"}
+    from eval import predict
+    monkeypatch.setenv("ARTIFACTS", env["ARTIFACTS"])
     for record, text in cases.items():
-        r = run_module("eval.predict", record, "--model", run, env=env)
-        lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("warning:")]
-        assert r.returncode == 2 and len(lines) == 1 and text in lines[0] and str(record.name) in lines[0], r.stderr
+        code = predict.main([str(record), "--model", str(run)])  # in-process: the CLI's own exit path
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
+        assert code == 2 and len(lines) == 1 and text in lines[0] and str(record.name) in lines[0], err
 
 
 # ------------------------------------------------------------------ report in a browser

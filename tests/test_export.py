@@ -17,21 +17,26 @@ from shared.dataset import ECGDataset
 from shared.onnx_model import OnnxModel
 from shared.training import InputAdapter
 
-RUNS = {"vit": "vit-leads-quick", "resnet1d_wang": "resnet1d_wang-signal-quick"}
-
-
-@pytest.fixture(scope="module", params=sorted(RUNS))
-def exported(request, sample_cache, tmp_path_factory):
-    """(training run, its variant root, the export's CompletedProcess) for one quick model."""
-    base = tmp_path_factory.mktemp(f"export-{request.param}")
-    run = base / "runs" / RUNS[request.param]
-    # windows every 2.5 s instead of 1.25 s: 4 per record instead of 7, so every evaluation costs ~half
-    run_module("models.train", "--model", request.param, "--profile", "quick", "--data", sample_cache, "--out", run,
-               "--no-progress", "--set", "max_train_batches=3", "--set", "epochs=1", "--set", "eval_stride_seconds=2.5",
-               check=True)
+def _export(run, sample_cache, base):
     proc = run_module("eval.export_onnx", "--run", run, "--data", sample_cache, "--out", base / "compressed",
                       "--calibration-batches", "1", check=True)
     return run, base / "compressed" / run.name, proc
+
+
+@pytest.fixture(scope="module")
+def exported_vit(quick_vit_run, sample_cache, tmp_path_factory):
+    return _export(quick_vit_run, sample_cache, tmp_path_factory.mktemp("export-vit"))
+
+
+@pytest.fixture(scope="module")
+def exported_cnn(quick_resnet_run, sample_cache, tmp_path_factory):
+    return _export(quick_resnet_run, sample_cache, tmp_path_factory.mktemp("export-cnn"))
+
+
+@pytest.fixture(params=["exported_vit", "exported_cnn"])
+def exported(request):
+    """(training run, its variant root, the export's CompletedProcess) for a transformer and a 1-D CNN."""
+    return request.getfixturevalue(request.param)
 
 
 def _inputs(sample_cache, cfg, n=16):
@@ -87,13 +92,11 @@ def test_int8_onnx_is_close_to_fp32_and_smaller(exported, sample_cache):
     assert metrics["artifact_bytes"] < 0.5 * metrics["fp32_bytes"]
 
 
-def test_static_qdq_forced_on_transformer(exported, sample_cache, tmp_path):
+def test_static_qdq_forced_on_transformer(exported_vit, sample_cache, tmp_path):
     """--int8 static on vit: the QDQ path (calibrated on training records) also stays close to fp32."""
     from eval.export_onnx import quantize_int8
 
-    run, root, _ = exported
-    if not run.name.startswith("vit"):
-        pytest.skip("the CNN's onnx_int8 is static QDQ already")
+    run, root, _ = exported_vit
     _, cfg = art.load_run(run)
     cache = open_cache(sample_cache)
     adapter = InputAdapter(cfg, cache.sampling_rate)
