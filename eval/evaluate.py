@@ -334,8 +334,10 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
     print(f"{len(items)} artifacts, {len(items) - len(todo)} up to date, {len(todo)} to evaluate")
     failures = []
     for item in tqdm(todo, desc="eval-all", unit="artifact"):
-        args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--variant", item["variant"],
-                "--bootstrap", str(n_boot), "--latency-runs", str(latency_runs)] + ([] if speed else ["--no-speed"])
+        args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--bootstrap", str(n_boot),
+                "--latency-runs", str(latency_runs)] + ([] if speed else ["--no-speed"])
+        if item["variant"] in ("fp32", "bf16"):  # a training run folder scored two ways
+            args += ["--variant", item["variant"]]
         proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]

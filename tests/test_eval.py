@@ -64,11 +64,13 @@ def test_bootstrap_is_seeded_and_every_resample_has_every_class():
 
 # ------------------------------------------------------------------ end to end on a quick run
 @pytest.fixture(scope="module")
-def scored(quick_resnet_run, tmp_path_factory):
+def scored(quick_resnet_run, sample_cache, tmp_path_factory):
     """The quick resnet1d_wang run copied into its own artifacts root, scored by `eval.evaluate --all`."""
     root = tmp_path_factory.mktemp("artifacts")
     shutil.copytree(quick_resnet_run, root / "runs" / "resnet1d_wang-signal-quick")
     env = {"ARTIFACTS": str(root)}
+    run_module("compression.compress", "--run", root / "runs" / "resnet1d_wang-signal-quick", "--methods", "dynamic",
+               "--data", sample_cache, env=env, check=True)
     r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return root, env
@@ -77,7 +79,7 @@ def scored(quick_resnet_run, tmp_path_factory):
 def test_eval_all_writes_results_with_intervals_and_efficiency(scored):
     root, env = scored
     results = json.loads((root / "eval" / "results.json").read_text())["results"]
-    assert {r["variant"] for r in results} == {"fp32", "bf16"}
+    assert {r["variant"] for r in results} == {"fp32", "bf16", "dynamic"}
     fp32 = next(r for r in results if r["variant"] == "fp32")
     run_metrics = json.loads((root / "runs" / "resnet1d_wang-signal-quick" / "metrics.json").read_text())
     assert fp32["splits"]["test"]["macro_auc"] == pytest.approx(run_metrics["test"]["macro_auc"], abs=1e-6)
@@ -91,7 +93,7 @@ def test_eval_all_writes_results_with_intervals_and_efficiency(scored):
     csv = (root / "eval" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("artifact,run,variant") and len(csv) > 50
     again = run_module("eval.evaluate", "--all", env=env)
-    assert "2 up to date, 0 to evaluate" in again.stdout
+    assert "3 up to date, 0 to evaluate" in again.stdout
 
 
 def test_thresholds_never_see_test_labels(scored, tmp_path):
