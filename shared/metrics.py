@@ -101,6 +101,28 @@ def bootstrap_indices(y_true: np.ndarray, n_resamples: int = 1000, seed: int = 0
     raise ValueError(f"could not draw {n_resamples} bootstrap resamples containing every class from {n} records")
 
 
+def fast_point_metrics(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.ndarray) -> dict:
+    """point_metrics in plain numpy for the bootstrap loop (scikit-learn's input checks cost ~45 ms per
+    resample); tests check it equals point_metrics. AUC by the rank-sum formula with average ranks for ties."""
+    from scipy.stats import rankdata
+
+    y = y_true.astype(bool)
+    n_pos = y.sum(axis=0)
+    n_neg = len(y) - n_pos
+    ranks = rankdata(y_score, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * y).sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    auc = np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+    p = y_pred.astype(bool)
+    tp, fp, fn = (y & p).sum(axis=0), (~y & p).sum(axis=0), (y & ~p).sum(axis=0)
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    f_beta, g_beta = challenge_scores(y_true, y_pred)
+    return {"macro_auc": float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan"),
+            "auc_per_class": auc, "macro_f1": float(f1.mean()), "f1_per_class": f1.astype(float),
+            "exact_match_accuracy": float((p == y).all(axis=1).mean()), "f_beta2": f_beta, "g_beta2": g_beta}
+
+
 def bootstrap_ci(y_true: np.ndarray, y_score: np.ndarray, thresholds: np.ndarray, n_resamples: int = 1000,
                  seed: int = 0, level: float = 0.95) -> dict[str, tuple]:
     """{metric: (low, high)} percentile intervals of point_metrics over resamples (thresholds held fixed);
@@ -108,8 +130,9 @@ def bootstrap_ci(y_true: np.ndarray, y_score: np.ndarray, thresholds: np.ndarray
     if n_resamples <= 0 or len(y_true) < 2:
         return {}
     draws: dict[str, list] = {}
+    y_pred = apply_thresholds(y_score, thresholds)
     for idx in bootstrap_indices(y_true, n_resamples, seed):
-        for k, v in point_metrics(y_true[idx], y_score[idx], thresholds).items():
+        for k, v in fast_point_metrics(y_true[idx], y_score[idx], y_pred[idx]).items():
             draws.setdefault(k, []).append(v)
     alpha = (1 - level) / 2
     return {k: (np.nanquantile(np.asarray(v, float), alpha, axis=0),

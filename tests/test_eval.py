@@ -40,6 +40,17 @@ def test_point_metrics_and_thresholds_by_hand():
     assert m["macro_auc"] == pytest.approx((0.75 + 1.0) / 2)  # class 0: 0.4 < 0.5 misorders one pair of four
 
 
+def test_fast_bootstrap_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(5)
+    y = (rng.random((80, 5)) < 0.3).astype(int)
+    s = np.round(np.clip(y * 0.25 + rng.random((80, 5)) * 0.75, 0, 1), 2)  # rounded: ties exercised
+    thr = M.tune_thresholds(y, s)
+    slow = M.point_metrics(y, s, thr)
+    fast = M.fast_point_metrics(y, s, M.apply_thresholds(s, thr))
+    for k, v in slow.items():
+        np.testing.assert_allclose(fast[k], v, atol=1e-12, err_msg=k)
+
+
 def test_macro_auc_skips_single_valued_class():
     y = np.array([[1, 0], [0, 0], [1, 0]])
     s = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3]])
