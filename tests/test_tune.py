@@ -146,7 +146,8 @@ def test_killed_study_resumes_to_exactly_the_requested_trials(sample_cache, tmp_
     retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
     for f in failed:  # ... was re-queued with the same parameters
         retry = [t for t in trials if retried_from(t) == f.number]
-        assert len(retry) == 1 and retry[0].params == f.params
+        # a trial killed before it drew its parameters has none to repeat
+        assert len(retry) == 1 and (not f.params or retry[0].params == f.params)
     assert json.loads((tmp_path / "art" / "tune" / MODEL / "study.json").read_text())["finished_trials"] == 2
 
 
