@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +25,7 @@ from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset  # noqa: E402
 from shared.io import read_json, write_json_atomic  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset, scores  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "prune", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8")
@@ -38,14 +38,8 @@ warnings.filterwarnings("ignore")
 
 
 def throughput(model, x: torch.Tensor, bf16: bool = False) -> float:
-    times = []
-    with torch.no_grad(), autocast(torch.device("cpu"), bf16):
-        for i in range(WARMUP + RUNS):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= WARMUP:
-                times.append(time.perf_counter() - t0)
-    return len(x) / statistics.median(times)
+    with autocast(torch.device("cpu"), bf16):
+        return len(x) / float(np.median(time_forward(model, x, RUNS, WARMUP)))
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
 from shared.io import library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
 from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
 from shared.training import InputAdapter, predict_dataset, scores, train_step  # noqa: E402
 
 # Knobs
@@ -207,16 +207,16 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
         t0 = time.time()
         try:
             info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick)
-        except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern of this network
-            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            seconds = time.time() - t0
+            metrics = evaluate(evaluated, cache, adapter)  # int8 graphs compile here, and can fail here
+        except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern, inductor cannot lower it
+            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
             print(f"error: {failures[-1]}", file=sys.stderr)
             continue
-        seconds = time.time() - t0
         info.update(method="pruned" if method == "prune" else method, run=str(run_dir.resolve()),
                     model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
                     versions=library_versions())
         write_json_atomic(out / "variant.json", info)
-        metrics = evaluate(evaluated, cache, adapter)
         metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=(out / info["artifact"]).stat().st_size,
                        fp32_bytes=(run_dir / "best.safetensors").stat().st_size)
         write_json_atomic(out / "metrics.json", metrics)
@@ -248,16 +248,6 @@ def _apply(method, model, cfg, cache, adapter, out, quick):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def find_run(model: str, profile: str, representation: str | None = None) -> Path:
-    from shared import config as config_mod
-
-    rep = representation or config_mod.resolve(model, profile)["representation"]
-    run = runs_dir() / f"{model}-{rep}-{profile}"
-    if not (run / "best.safetensors").exists():
-        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}` first")
-    return run
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compression.compress", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +267,7 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) {bad}; choose from {METHODS}", file=sys.stderr)
         return 2
     try:
-        run = args.run or find_run(args.model, args.profile, args.representation)
+        run = args.run or art.find_run(args.model, args.profile, args.representation)
         compress(run, methods, args.data, args.out, args.force)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

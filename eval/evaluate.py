@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from shared import artifacts as art  # noqa: E402
 from shared import metrics as M  # noqa: E402
 from shared.io import library_versions, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
+from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset  # noqa: E402
 
 # Knobs
@@ -132,23 +132,11 @@ def _floats(a):
 
 
 # ------------------------------------------------------------------ efficiency
-def time_forward(model, x: torch.Tensor, runs: int, warmup: int = WARMUP) -> np.ndarray:
-    """Seconds per forward pass, `runs` of them after `warmup` untimed ones."""
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return np.asarray(times)
-
-
 def efficiency(model, example: torch.Tensor, latency_runs: int = LATENCY_RUNS) -> dict:
     out = {"latency_runs": latency_runs}
     for threads in THREADS:
         torch.set_num_threads(threads)
-        lat = time_forward(model, example[:1], latency_runs)
+        lat = time_forward(model, example[:1], latency_runs, warmup=WARMUP)
         out[f"latency_ms_b1_t{threads}"] = float(np.median(lat) * 1e3)
         out[f"latency_p95_ms_b1_t{threads}"] = float(np.percentile(lat, 95) * 1e3)
         thr = time_forward(model, example[:THROUGHPUT_BATCH], THROUGHPUT_RUNS, warmup=2)
@@ -180,9 +168,12 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
     model, cfg, info = load_artifact(path, variant)
     cache = open_cache(data_dir or cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
     adapter = InputAdapter(cfg, cache.sampling_rate)
+    # A compiled artifact recompiles for every new batch shape (minutes each): predict at the throughput batch
+    # it is timed at anyway, so it compiles twice (b32, b1) instead of three times.
+    chunk = THROUGHPUT_BATCH if variant in COMPILED else 256
     preds = {}
     for split in ("val", "test"):
-        preds[split] = predict_dataset(model, ECGDataset(cache, split), adapter)
+        preds[split] = predict_dataset(model, ECGDataset(cache, split), adapter, chunk=chunk)
     thresholds = M.tune_thresholds(*reversed(preds["val"]))  # (labels, probs) of validation only
     classes = cache.classes
     result = {

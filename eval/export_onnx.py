@@ -388,16 +388,6 @@ def best_run(profile: str, root: Path | None = None) -> Path:
     return run
 
 
-def find_run(model: str, profile: str, representation: str | None = None) -> Path:
-    from shared import config as config_mod
-
-    rep = representation or config_mod.resolve(model, profile)["representation"]
-    run = runs_dir() / f"{model}-{rep}-{profile}"
-    if not (run / "best.safetensors").exists():
-        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}` first")
-    return run
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.export_onnx", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,7 +420,7 @@ def main(argv=None) -> int:
         if args.best:
             run = best_run(args.profile)
         elif args.model:
-            run = find_run(args.model, args.profile, args.representation)
+            run = art.find_run(args.model, args.profile, args.representation)
         else:
             run = args.run if args.run.exists() else runs_dir() / str(args.run)
             if not (run / "best.safetensors").exists():

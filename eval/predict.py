@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shared import artifacts as art  # noqa: E402
-from shared.inference import InputError, load_signal, normalize  # noqa: E402
+from shared.inference import InputError, load_signal, normalization, normalize  # noqa: E402
 from shared.io import read_json  # noqa: E402
 from shared.labels import CLASSES  # noqa: E402
 from shared.paths import eval_dir  # noqa: E402
@@ -61,7 +61,10 @@ class Predictor:
         self.adapter = InputAdapter(self.cfg, self.fs)
         self.min_seconds = self.cfg.get("crop_seconds", 10.0)
         self.thresholds, self.threshold_source = thresholds_for(artifact)
-        normalize(np.zeros((1, 12, 1), np.float32), self.cfg)  # fail now, not per record, if stats are missing
+        # Resolve the training normalization once (older runs read it from the cache manifest): fails here, not
+        # per record, when it is missing.
+        mean, std = normalization(self.cfg)
+        self.cfg = {**self.cfg, "normalization": {"mean": mean.tolist(), "std": std.tolist()}}
 
     @torch.no_grad()
     def probabilities(self, record: str | Path) -> np.ndarray:

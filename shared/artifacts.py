@@ -19,12 +19,24 @@ import torch.nn as nn
 
 from shared.io import load_weights, read_json, save_weights
 from shared.nets import build_model
+from shared.paths import runs_dir
 
 
 def build_from_config(cfg: dict, sampling_rate: int = 100) -> nn.Module:
     n_samples = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
     return build_model(cfg["model"], cfg["representation"], n_samples, arch=cfg.get("arch"),
                        patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8))
+
+
+def find_run(model: str, profile: str, representation: str | None = None) -> Path:
+    """The training run `make train-<model>` writes for this profile (and the config's default representation)."""
+    from shared import config as config_mod
+
+    rep = representation or config_mod.resolve(model, profile)["representation"]
+    run = runs_dir() / f"{model}-{rep}-{profile}"
+    if not (run / "best.safetensors").exists():
+        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}` first")
+    return run
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:

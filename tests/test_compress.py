@@ -86,3 +86,12 @@ def test_int8_pt2_loads_in_fresh_process_and_matches(method, quick_run, sample_c
     assert r.returncode == 0, r.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), in_memory.numpy(), atol=1e-5)
     assert (out / "model.pt2").stat().st_size < 0.5 * (quick_run / "best.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("module", ["compression.compress", "eval.export_onnx"])
+def test_missing_run_is_one_line_naming_the_folder(module, tmp_path):
+    r = run_module(module, "--model", "convnext", "--profile", "cpu", env={"ARTIFACTS": str(tmp_path)})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "runs" / "convnext-rows-cpu") in lines[0]
+    assert "make train-convnext PROFILE=cpu" in lines[0]
