@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -331,8 +332,10 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
             args += ["--variant", item["variant"]]
         proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-            failures.append(f"{item['id']}: {last}")
+            log = result_dir(item["id"]) / "error.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(log, proc.stderr)
+            failures.append(f"{item['id']}: {exception_line(proc.stderr)} (full log: {log})")
             tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
         else:
             tqdm.write(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else item["id"])
@@ -340,6 +343,15 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
     json_path, csv_path = write_tables(collect())
     print(f"wrote {json_path} and {csv_path}")
     return 1 if failures else 0
+
+
+def exception_line(stderr: str) -> str:
+    """The line of a traceback that names the exception (the last line is often a hint, not the error)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^(error: |[\w.]*(Error|Exception|Failed)\w*: )", line):
+            return line[:300]
+    return lines[-1][:300] if lines else "(no message)"
 
 
 def resolve_item(path: Path, variant: str | None) -> dict:

@@ -225,3 +225,15 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1400,3000", page.as_uri()],
                    capture_output=True, text=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10000
+
+
+def test_eval_all_names_the_exception_not_the_last_hint():
+    from eval.evaluate import exception_line
+
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+          "torch._inductor.exc.InductorError: RuntimeError: shapes differ\n\n"
+          "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n"
+          "See https://pytorch.org/docs/stable/library.html#torch.library.opcheck\n")
+    assert exception_line(tb) == "torch._inductor.exc.InductorError: RuntimeError: shapes differ"
+    assert exception_line("error: x.hea: no such record\n") == "error: x.hea: no such record"
+    assert exception_line("") == "(no message)"
