@@ -210,7 +210,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
             seconds = time.time() - t0
             metrics = evaluate(evaluated, cache, adapter)  # int8 graphs compile here, and can fail here
         except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern, inductor cannot lower it
-            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
             print(f"error: {failures[-1]}", file=sys.stderr)
             continue
         info.update(method="pruned" if method == "prune" else method, run=str(run_dir.resolve()),

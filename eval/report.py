@@ -111,8 +111,9 @@ def tuned_vs_default(runs: list[dict]) -> list[dict]:
         out.append({"model": r["model"], "representation": r["representation"], "tuned_val": r["val"],
                     "tuned_test": r["test"], "default_val": mate["val"] if mate else None,
                     "default_test": mate["test"] if mate else None,
-                    "trials": s.get("n_trials", len(s.get("trials", [])) or None),
-                    "study_seconds": s.get("wall_seconds")})
+                    "trials": s.get("finished_trials", len(s.get("trials", [])) or None),
+                    "study_seconds": s.get("trial_seconds_total"),
+                    "fixed": ", ".join(f"{k}={v}" for k, v in (s.get("fixed") or {}).items()) or "–"})
     return out
 
 
@@ -280,10 +281,10 @@ def build(out: Path) -> tuple[Path, Path]:
     if tvd:
         sections.append(("Tuned vs default", "Optuna-tuned configs (validation only) against the defaults.",
                          [("table", ["model", "input", "default val", "tuned val", "default test", "tuned test",
-                                     "trials", "study s"],
+                                     "trials", "trial s (sum)", "fixed in every trial"],
                            [[t["model"], t["representation"], fmt(t["default_val"], ".4f"), fmt(t["tuned_val"], ".4f"),
                              fmt(t["default_test"], ".4f"), fmt(t["tuned_test"], ".4f"), fmt(t["trials"], "d"),
-                             fmt(t["study_seconds"], ".0f")] for t in tvd])]))
+                             fmt(t["study_seconds"], ".0f"), t["fixed"]] for t in tvd])]))
     ours = {r["model"]: r for r in results if r["variant"] == "fp32"}
     pub_rows = [[name, f"{auc:.3f} ± {unc:.3f}", fmt(ours[name]["splits"]["test"]["macro_auc"], ".4f")
                  if name in ours else "–"] for name, auc, unc in PUBLISHED]

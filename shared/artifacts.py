@@ -187,11 +187,14 @@ def inference_ready(graph_module: nn.Module) -> nn.Module:
 
 
 def compile_int8(module: nn.Module) -> nn.Module:
-    """PT2E int8 graphs only run int8 kernels once inductor lowers them (freezing prepacks weights)."""
+    """PT2E int8 graphs only run int8 kernels once inductor lowers them (freezing prepacks weights).
+    dynamic=False: one static graph per batch shape. With automatic dynamic shapes the second shape seen
+    (e.g. batch 1 after batch 32) made a symbolic-batch graph that later failed on batch 32 with a stride
+    assertion (effnetv2 QAT, torch 2.14)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
-    return torch.compile(inference_ready(module))
+    return torch.compile(inference_ready(module), dynamic=False)
 
 
 # ------------------------------------------------------------------ any variant

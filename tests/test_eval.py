@@ -237,3 +237,19 @@ def test_eval_all_names_the_exception_not_the_last_hint():
     assert exception_line(tb) == "torch._inductor.exc.InductorError: RuntimeError: shapes differ"
     assert exception_line("error: x.hea: no such record\n") == "error: x.hea: no such record"
     assert exception_line("") == "(no message)"
+
+
+def test_report_tuned_vs_default_reads_the_study(tmp_path, monkeypatch):
+    from eval.report import tuned_vs_default
+
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path))
+    study = tmp_path / "tune" / "vit" / "study.json"
+    study.parent.mkdir(parents=True)
+    study.write_text(json.dumps({"finished_trials": 4, "trial_seconds_total": 661.0, "fixed": {"epochs": 8}}))
+    base = {"model": "vit", "profile": "cpu", "representation": "leads"}
+    runs = [{**base, "config": "default", "val": 0.91, "test": 0.84},
+            {**base, "config": "tuned", "val": 0.92, "test": 0.87},
+            {**base, "config": "default", "representation": "seed", "val": 0.76, "test": 0.77}]
+    (row,) = tuned_vs_default(runs)
+    assert (row["default_val"], row["tuned_test"], row["trials"]) == (0.91, 0.87, 4)
+    assert row["study_seconds"] == 661.0 and row["fixed"] == "epochs=8"
