@@ -50,7 +50,7 @@ LATENCY_RUNS = 50           # batch-1 forward passes timed per thread count, aft
 THROUGHPUT_RUNS = 10        # batch-32 forward passes timed per thread count
 WARMUP = 5
 THREADS = (1, 2)
-THROUGHPUT_BATCH = 32
+THROUGHPUT_BATCH = art.COMPILED_BATCH  # batch-32 throughput; compiled variants also predict at it
 MIN_RECORDS_FOR_CI = 20
 COMPILED = ("static", "qat")  # PT2E int8 graphs run int8 kernels only after inductor lowering
 
