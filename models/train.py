@@ -76,6 +76,10 @@ def setup_distributed():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class NoFullBatch(ValueError):
+    """The training set (after max_train_records, per process) is smaller than one batch."""
+
+
 def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = True,
           on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True) -> dict:
     """Train `cfg` into `out`; return metrics.json's content ({} on ranks other than 0).
@@ -105,6 +109,9 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
     train_loader = make_loader(train_ds, per_rank_batch, sampler=sampler, drop_last=True)
     val_loader = make_loader(val_ds, cfg.get("eval_batch_size", 64))
     steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:  # drop_last with fewer records than one batch: the loss would be NaN, silently
+        raise NoFullBatch(f"{data_dir}: {len(train_ds)} training records over {world} process(es) make no full batch "
+                         f"of {per_rank_batch}; lower batch_size or raise max_train_records")
     if cfg.get("max_train_batches"):
         steps_per_epoch = min(steps_per_epoch, int(cfg["max_train_batches"]))
 
@@ -298,7 +305,7 @@ def main(argv=None) -> int:
                                                 **training_normalization(data_dir)})
     try:
         result = train(cfg, out, data_dir, args.resume, progress=not args.no_progress)
-    except CacheError as e:
+    except (CacheError, NoFullBatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result:

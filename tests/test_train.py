@@ -77,6 +77,14 @@ def test_2d_model_quick_profile_runs(sample_cache, tmp_path):
     assert m["representation"] == "leads" and 0 <= m["data_time_share"] < 0.5
 
 
+def test_too_few_records_for_one_batch_is_one_line_error(sample_cache, tmp_path):
+    r = run_module("models.train", "--model", "resnet1d_wang", "--profile", "quick", "--data", sample_cache,
+                   "--out", tmp_path / "run", "--no-progress", "--set", "max_train_records=10", "--set", "batch_size=32")
+    assert r.returncode == 2 and not (tmp_path / "run" / "metrics.json").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(sample_cache) in lines[0] and "no full batch of 32" in lines[0]
+
+
 def test_resume_after_kill_equals_uninterrupted(sample_cache, tmp_path):
     args = ["--model", "resnet1d_wang", "--profile", "quick", "--data", str(sample_cache), "--no-progress",
             "--set", "max_train_batches=5", "--set", "epochs=3"]
