@@ -118,6 +118,14 @@ def tuned_vs_default(runs: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ figures
+def best_model(results: list[dict]) -> dict | None:
+    """The trained model with the best VALIDATION macro AUC, scored as fp32: its bf16 or compressed twins are the
+    same model run another way, and would otherwise win ties by rounding noise."""
+    scored = [r for r in results if r["splits"]["val"]["macro_auc"] is not None]
+    pool = [r for r in scored if r["variant"] == "fp32"] or scored
+    return max(pool, key=lambda r: r["splits"]["val"]["macro_auc"], default=None)
+
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -255,10 +263,9 @@ def build(out: Path) -> tuple[Path, Path]:
                      f"throughput measured on: {results[0].get('efficiency', {}).get('cpu', 'this CPU')}.",
                      [("table", head, rows)]))
 
-    with_auc = [r for r in results if r["splits"]["val"]["macro_auc"] is not None]
-    if with_auc:
-        best = max(with_auc, key=lambda r: r["splits"]["val"]["macro_auc"])
-        sections.append(("ROC curves of the best model", f"{best['artifact']} — chosen by VALIDATION macro AUC "
+    best = best_model(results)
+    if best:
+        sections.append(("ROC curves of the best model", f"{best['artifact']} — the trained model (fp32) chosen by VALIDATION macro AUC "
                          f"({best['splits']['val']['macro_auc']:.4f}); curves on the test fold.",
                          [("figure", "roc.png", roc_figure(best))]))
     if any(r.get("efficiency") for r in results):

@@ -253,3 +253,16 @@ def test_report_tuned_vs_default_reads_the_study(tmp_path, monkeypatch):
     (row,) = tuned_vs_default(runs)
     assert (row["default_val"], row["tuned_test"], row["trials"]) == (0.91, 0.87, 4)
     assert row["study_seconds"] == 661.0 and row["fixed"] == "epochs=8"
+
+
+def test_report_best_model_is_an_fp32_run_chosen_on_validation():
+    from eval.report import best_model
+
+    def result(artifact, variant, val, test):
+        return {"artifact": artifact, "variant": variant, "splits": {"val": {"macro_auc": val}, "test": {"macro_auc": test}}}
+
+    results = [result("a/fp32", "fp32", 0.90, 0.80), result("a/bf16", "bf16", 0.9002, 0.80),
+               result("b/fp32", "fp32", 0.89, 0.95), result("a/prune", "prune", 0.91, 0.81)]
+    assert best_model(results)["artifact"] == "a/fp32"  # not the bf16 twin, not b's better TEST score
+    assert best_model([result("c/qat", "qat", 0.7, 0.7)])["artifact"] == "c/qat"  # no fp32 run: any artifact
+    assert best_model([result("d/fp32", "fp32", None, None)]) is None
