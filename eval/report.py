@@ -265,8 +265,8 @@ def build(out: Path) -> tuple[Path, Path]:
 
     best = best_model(results)
     if best:
-        sections.append(("ROC curves of the best model", f"{best['artifact']} — the trained model (fp32) chosen by VALIDATION macro AUC "
-                         f"({best['splits']['val']['macro_auc']:.4f}); curves on the test fold.",
+        sections.append(("ROC curves of the best model", f"{best['artifact']} — the trained model (fp32) chosen by "
+                         f"VALIDATION macro AUC ({best['splits']['val']['macro_auc']:.4f}); curves on the test fold.",
                          [("figure", "roc.png", roc_figure(best))]))
     if any(r.get("efficiency") for r in results):
         sections.append(("Accuracy vs CPU latency", "Each point is an artifact; arrows go from a run's fp32 model to "

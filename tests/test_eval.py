@@ -259,7 +259,8 @@ def test_report_best_model_is_an_fp32_run_chosen_on_validation():
     from eval.report import best_model
 
     def result(artifact, variant, val, test):
-        return {"artifact": artifact, "variant": variant, "splits": {"val": {"macro_auc": val}, "test": {"macro_auc": test}}}
+        return {"artifact": artifact, "variant": variant,
+                "splits": {"val": {"macro_auc": val}, "test": {"macro_auc": test}}}
 
     results = [result("a/fp32", "fp32", 0.90, 0.80), result("a/bf16", "bf16", 0.9002, 0.80),
                result("b/fp32", "fp32", 0.89, 0.95), result("a/prune", "prune", 0.91, 0.81)]
