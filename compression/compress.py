@@ -209,7 +209,10 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
             info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick)
             seconds = time.time() - t0
             # int8 graphs compile here, and can fail here; at eval-all's batch shape so it reuses the kernels
-            chunk = art.COMPILED_BATCH if method in ("static", "qat") else 256
+            if method in ("static", "qat"):
+                chunk = art.COMPILED_BATCH
+            else:
+                chunk, evaluated = 256, art.channels_last_if_configured(evaluated, cfg)
             metrics = evaluate(evaluated, cache, adapter, chunk=chunk)
         except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern, inductor cannot lower it
             failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
