@@ -186,8 +186,9 @@ def inference_ready(graph_module: nn.Module) -> nn.Module:
     return graph_module
 
 
-# The one batch shape compiled int8 graphs are evaluated and timed at. compress and eval-all both use it, so
-# the second process finds inductor's kernels in its on-disk cache (vit static: 120 s cold, 52 s warm).
+# The one batch shape compiled int8 graphs are evaluated and timed at, in compress and in eval-all alike, so
+# inductor's on-disk cache can serve the second process (the same eval run twice: vit static 120 s, then 52 s;
+# compress → eval-all was not measured apart, and QAT graphs still took 260–430 s to score in make all).
 COMPILED_BATCH = 32
 
 
