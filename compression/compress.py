@@ -209,7 +209,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
             info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick)
             seconds = time.time() - t0
             # int8 graphs compile here, and can fail here; at eval-all's batch shape so it reuses the kernels
-            if method in ("static", "qat"):
+            if method in art.COMPILED_METHODS:
                 chunk = art.COMPILED_BATCH
             else:
                 chunk, evaluated = 256, art.channels_last_if_configured(evaluated, cfg)

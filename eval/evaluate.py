@@ -52,7 +52,7 @@ WARMUP = 5
 THREADS = (1, 2)
 THROUGHPUT_BATCH = art.COMPILED_BATCH  # batch-32 throughput; compiled variants also predict at it
 MIN_RECORDS_FOR_CI = 20
-COMPILED = ("static", "qat")  # PT2E int8 graphs run int8 kernels only after inductor lowering
+COMPILED = art.COMPILED_METHODS
 
 warnings.filterwarnings("ignore")
 

@@ -190,6 +190,7 @@ def inference_ready(graph_module: nn.Module) -> nn.Module:
 # inductor's on-disk cache can serve the second process (the same eval run twice: vit static 120 s, then 52 s;
 # compress → eval-all was not measured apart, and QAT graphs still took 260–430 s to score in make all).
 COMPILED_BATCH = 32
+COMPILED_METHODS = ("static", "qat")  # PT2E int8 graphs run int8 kernels only after inductor lowering
 
 
 def compile_int8(module: nn.Module) -> nn.Module:
