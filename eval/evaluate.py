@@ -18,7 +18,6 @@ training, another copy of PTB-XL, a single record), with the thresholds from its
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import resource
 import subprocess
@@ -50,7 +49,7 @@ LATENCY_RUNS = 50           # batch-1 forward passes timed per thread count, aft
 THROUGHPUT_RUNS = 10        # batch-32 forward passes timed per thread count
 WARMUP = 5
 THREADS = (1, 2)
-THROUGHPUT_BATCH = art.COMPILED_BATCH  # batch-32 throughput; compiled variants also predict at it
+THROUGHPUT_BATCH = 32
 MIN_RECORDS_FOR_CI = 20
 COMPILED = art.COMPILED_METHODS
 
@@ -169,12 +168,9 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
     model, cfg, info = load_artifact(path, variant)
     cache = open_cache(data_dir or cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
     adapter = InputAdapter(cfg, cache.sampling_rate)
-    # A compiled artifact recompiles for every new batch shape (minutes each): predict at the throughput batch
-    # it is timed at anyway, so it compiles twice (b32, b1) instead of three times.
-    chunk = THROUGHPUT_BATCH if variant in COMPILED else 256
     preds = {}
     for split in ("val", "test"):
-        preds[split] = predict_dataset(model, ECGDataset(cache, split), adapter, chunk=chunk)
+        preds[split] = predict_dataset(model, ECGDataset(cache, split), adapter)
     thresholds = M.tune_thresholds(*reversed(preds["val"]))  # (labels, probs) of validation only
     classes = cache.classes
     result = {
@@ -192,7 +188,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
         example = adapter.eval_inputs(x)[0][:THROUGHPUT_BATCH]
         result["efficiency"] = efficiency(model, example, latency_runs)
         result["efficiency"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["efficiency"]["cpu"] = _cpu_name()
+        result["efficiency"]["cpu"] = art.host_cpu()
     result.update(seconds=round(time.time() - t0, 1), versions=library_versions(),
                   evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     out = result_dir(item["id"])
@@ -213,16 +209,6 @@ def _save_predictions(path: Path, preds: dict, cache, classes) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     write_bytes_atomic(path, buf.getvalue())
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
 
 
 # ------------------------------------------------------------------ one artifact on another folder

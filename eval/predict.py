@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--compile", action="store_true",
-                    help="lower static/QAT int8 graphs with inductor (int8 kernels; ~1 min once, then fast)")
+                    help="run static/QAT int8 graphs as compiled int8 kernels (the package beside the artifact; "
+                         "built once, ~1 min, when missing)")
     ap.add_argument("--timing", action="store_true", help="print per-record milliseconds (read + preprocess + model)")
     args = ap.parse_args(argv)
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)

@@ -88,6 +88,41 @@ def test_int8_pt2_loads_in_fresh_process_and_matches(method, quick_run, sample_c
     assert (out / "model.pt2").stat().st_size < 0.5 * (quick_run / "best.safetensors").stat().st_size
 
 
+def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_path):
+    """The AOTInductor package eval-all and predict run: one build serves batch 1 and batch n alike, is reused,
+    and is rebuilt when the exported program, torch or the CPU it was built for changes. A small conv net keeps
+    the C++ build short; the ECG models take the same path in compress (compression.compress._apply)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from compression.compress import _quantizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    x = torch.randn(6, 1, 12, 40)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    prepared = prepare_pt2e(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)).module(), _quantizer(False))
+    with torch.no_grad():
+        prepared(x)
+    converted = convert_pt2e(prepared)
+    art.save_exported(tmp_path / "model.pt2", converted, x)
+    assert not art.compiled_is_current(tmp_path)
+    compiled = art.load_compiled(tmp_path)
+    assert art.compiled_is_current(tmp_path)
+    with torch.no_grad():
+        reference = art.inference_ready(converted)(x)
+        for n in (1, len(x)):
+            torch.testing.assert_close(compiled(x[:n]), reference[:n], atol=0.05, rtol=0.05)
+        assert (reference - net(x)).abs().max() < 0.2  # and the int8 program is still the network
+    built = (tmp_path / art.COMPILED_FILE).stat().st_mtime_ns
+    art.load_compiled(tmp_path)
+    assert (tmp_path / art.COMPILED_FILE).stat().st_mtime_ns == built  # reused, not rebuilt
+    stamp = json.loads((tmp_path / art.COMPILED_STAMP).read_text())
+    for key, other in (("source_sha256", "0" * 64), ("torch", "0.0"), ("cpu", "another CPU")):
+        (tmp_path / art.COMPILED_STAMP).write_text(json.dumps({**stamp, key: other}))
+        assert not art.compiled_is_current(tmp_path), key
+
+
 @pytest.mark.parametrize("module", ["compression.compress", "eval.export_onnx"])
 def test_missing_run_is_one_line_naming_the_folder(module, tmp_path):
     r = run_module(module, "--model", "convnext", "--profile", "cpu", env={"ARTIFACTS": str(tmp_path)})
