@@ -256,7 +256,11 @@ def load_compiled(variant_dir: Path, artifact: str = "model.pt2"):
     of record: copy model.pt2, not the package, to another machine)."""
     if not compiled_is_current(variant_dir, artifact):
         build_compiled(variant_dir, artifact)
-    return torch._inductor.aoti_load_package(str(variant_dir / COMPILED_FILE))
+    try:
+        return torch._inductor.aoti_load_package(str(variant_dir / COMPILED_FILE))
+    except Exception:  # a damaged package under an intact stamp: rebuild it once
+        build_compiled(variant_dir, artifact)
+        return torch._inductor.aoti_load_package(str(variant_dir / COMPILED_FILE))
 
 
 def compiled_is_current(variant_dir: Path, artifact: str = "model.pt2") -> bool:

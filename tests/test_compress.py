@@ -90,7 +90,7 @@ def test_int8_pt2_loads_in_fresh_process_and_matches(method, quick_run, sample_c
 
 def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_path):
     """The AOTInductor package eval-all and predict run: one build serves batch 1 and batch n alike, is reused,
-    and is rebuilt when the exported program, torch or the CPU it was built for changes. A small conv net keeps
+    and is rebuilt when damaged or when the exported program, torch or the CPU it was built for changes. A small conv net keeps
     the C++ build short; the ECG models take the same path in compress (compression.compress._apply)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -117,6 +117,9 @@ def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_pa
     built = (tmp_path / art.COMPILED_FILE).stat().st_mtime_ns
     art.load_compiled(tmp_path)
     assert (tmp_path / art.COMPILED_FILE).stat().st_mtime_ns == built  # reused, not rebuilt
+    (tmp_path / art.COMPILED_FILE).write_bytes(b"not a package")  # damaged under an intact stamp: rebuilt
+    with torch.no_grad():
+        torch.testing.assert_close(art.load_compiled(tmp_path)(x), reference, atol=0.05, rtol=0.05)
     stamp = json.loads((tmp_path / art.COMPILED_STAMP).read_text())
     for key, other in (("source_sha256", "0" * 64), ("torch", "0.0"), ("cpu", "another CPU")):
         (tmp_path / art.COMPILED_STAMP).write_text(json.dumps({**stamp, key: other}))
