@@ -253,7 +253,9 @@ def load_compiled(variant_dir: Path, artifact: str = "model.pt2"):
     """The int8 program's compiled package, built first when missing or stale (another model.pt2, torch or CPU).
     The package holds a native shared library: it is a build product of this machine, like inductor's own
     cache, and is only loaded when its stamp matches the exported program beside it (which stays the artifact
-    of record: copy model.pt2, not the package, to another machine)."""
+    of record: copy model.pt2, not the package, to another machine). Load a given package once per process:
+    reloading a rebuilt package from the same path in a process that had loaded the old one ran stale kernels
+    (torch 2.14, seen in tests/test_compress.py)."""
     if not compiled_is_current(variant_dir, artifact):
         build_compiled(variant_dir, artifact)
     try:
