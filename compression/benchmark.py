@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 make = "export-<model>" if variant.startswith("onnx") else "compress-<model>"
                 print(f"skip {variant}: {vdir} has no finished variant (make {make})")
                 continue
-            model, _, info = art.load_variant(vdir, compiled=variant in ("static", "qat"))
+            model, _, info = art.load_variant(vdir, compiled=variant in art.COMPILED_METHODS)
             m = read_json(vdir / "metrics.json")
             size, val, test = m["artifact_bytes"], m["val"]["macro_auc"], m["test"]["macro_auc"]
             total, nonzero = (info.get("params"), info.get("nonzero_params")) if variant == "prune" else \

@@ -242,7 +242,7 @@ def _apply(method, model, cfg, cache, adapter, out, quick):
         return do_prune(model, cfg, cache, adapter, out, quick), model
     if method == "dynamic":
         return do_dynamic(model, cfg, cache, adapter, out, quick)
-    if method in ("static", "qat"):
+    if method in art.COMPILED_METHODS:
         info, _ = (do_static if method == "static" else do_qat)(model, cfg, cache, adapter, out, quick)
         # int8 kernels exist only once inductor lowers the graph, and lowering can fail: build the package that
         # eval-all and predict load (shared.artifacts.load_compiled) here, and score the variant with it

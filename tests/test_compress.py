@@ -28,6 +28,17 @@ def _batch(sample_cache, cfg, n=16):
     return cache, adapter, adapter.eval_inputs(x)[0][:n]
 
 
+def forward_in_fresh_process(load_expression: str, x: torch.Tensor, tmp_path) -> np.ndarray:
+    """The output for x of `load_expression` (shared.artifacts names and Path in scope) in a new interpreter."""
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = (f"import sys, numpy as np, torch; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
+            f"from shared.artifacts import load_compiled, load_exported; m = {load_expression};"
+            f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(tmp_path / "y.npy")
+
+
 def test_prune_cli_sparsity_and_reload_keeps_zeros(quick_run, sample_cache, tmp_path):
     r = run_module("compression.compress", "--run", quick_run, "--data", sample_cache, "--out", tmp_path,
                    "--methods", "prune,dynamic")
@@ -77,14 +88,8 @@ def test_int8_pt2_loads_in_fresh_process_and_matches(method, quick_run, sample_c
         in_memory = converted(x)
         fp32 = art.load_run(quick_run)[0](x)
     assert (torch.sigmoid(in_memory) - torch.sigmoid(fp32)).abs().max() < (0.05 if method == "static" else 0.2)
-    np.save(tmp_path / "x.npy", x.numpy())
-    code = (f"import sys, numpy as np, torch; sys.path.insert(0, {str(REPO)!r});"
-            f"from shared.artifacts import load_exported;"
-            f"m = load_exported({str(out / 'model.pt2')!r});"
-            f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), in_memory.numpy(), atol=1e-5)
+    fresh = forward_in_fresh_process(f"load_exported(Path({str(out / 'model.pt2')!r}))", x, tmp_path)
+    np.testing.assert_allclose(fresh, in_memory.numpy(), atol=1e-5)
     assert (out / "model.pt2").stat().st_size < 0.5 * (quick_run / "best.safetensors").stat().st_size
 
 
@@ -120,14 +125,8 @@ def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_pa
     # damaged under an intact stamp: rebuilt. In a fresh process, as eval-all meets it: one process that already
     # loaded a package from this path got stale kernels when it reloaded the rebuilt one (torch 2.14).
     (tmp_path / art.COMPILED_FILE).write_bytes(b"not a package")
-    np.save(tmp_path / "x.npy", x.numpy())
-    code = (f"import sys, numpy as np, torch; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
-            f"from shared.artifacts import load_compiled;"
-            f"m = load_compiled(Path({str(tmp_path)!r}));"
-            f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).numpy())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), reference, atol=0.05, rtol=0.05)
+    fresh = forward_in_fresh_process(f"load_compiled(Path({str(tmp_path)!r}))", x, tmp_path)
+    torch.testing.assert_close(torch.from_numpy(fresh), reference, atol=0.05, rtol=0.05)
     stamp = json.loads((tmp_path / art.COMPILED_STAMP).read_text())
     for key, other in (("source_sha256", "0" * 64), ("torch", "0.0"), ("cpu", "another CPU")):
         (tmp_path / art.COMPILED_STAMP).write_text(json.dumps({**stamp, key: other}))
