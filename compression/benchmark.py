@@ -1,5 +1,6 @@
 """Side-by-side figures for one trained model and its compressed variants, in one process, on this CPU:
-file size, parameters / non-zeros, val and test macro AUC, and throughput (samples/s) at batch 1 and 32
+file size, parameters / non-zeros, val macro AUC (test macro AUC from eval-all's result.json where it has
+scored the variant; compress itself never reads the test fold), and throughput (samples/s) at batch 1 and 32
 with 1 and 2 threads, for fp32, bf16 autocast, pruned, dynamic int8, static int8 and QAT int8, and the
 ONNX Runtime fp32 / int8 exports of eval/export_onnx.py (their sessions follow torch.set_num_threads).
 
@@ -24,7 +25,7 @@ from shared import artifacts as art  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset  # noqa: E402
 from shared.io import read_json, write_json_atomic  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
 from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset, scores  # noqa: E402
 
@@ -40,6 +41,12 @@ warnings.filterwarnings("ignore")
 def throughput(model, x: torch.Tensor, bf16: bool = False) -> float:
     with autocast(torch.device("cpu"), bf16):
         return len(x) / float(np.median(time_forward(model, x, RUNS, WARMUP)))
+
+
+def evaluated_test_auc(run: str, variant: str) -> float | None:
+    """Test macro AUC as eval-all scored it, or None before `make eval-all`."""
+    result = eval_dir() / run / variant / "result.json"
+    return read_json(result)["splits"]["test"]["macro_auc"] if result.exists() else None
 
 
 def main(argv=None) -> int:
@@ -79,7 +86,8 @@ def main(argv=None) -> int:
                 continue
             model, _, info = art.load_variant(vdir, compiled=variant in art.COMPILED_METHODS)
             m = read_json(vdir / "metrics.json")
-            size, val, test = m["artifact_bytes"], m["val"]["macro_auc"], m["test"]["macro_auc"]
+            size, val = m["artifact_bytes"], m["val"]["macro_auc"]
+            test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant)
             total, nonzero = (info.get("params"), info.get("nonzero_params")) if variant == "prune" else \
                 art.nonzero_parameters(fp32.state_dict())
         row = {"variant": variant, "bytes": size, "params": total, "nonzero": nonzero, "val_auc": val,
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
         speeds = " | ".join(f"{r[f'b{b}_t{t}']:.1f}" for t in THREADS for b in BATCHES)
         lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | {base['bytes'] / r['bytes']:.2f} | "
                      f"{r['nonzero']:,} | {r['val_auc']:.4f} | {r['val_auc'] - base['val_auc']:+.4f} | "
-                     f"{r['test_auc']:.4f} | {speeds} | {r['b32_t2'] / base['b32_t2']:.2f} |")
+                     f"{'—' if r['test_auc'] is None else format(r['test_auc'], '.4f')} | {speeds} | {r['b32_t2'] / base['b32_t2']:.2f} |")
     md = "\n".join(lines) + "\n"
     print(md)
     write_json_atomic(root / "benchmark.json", {"run": run.name, "rows": rows, "markdown": md})

@@ -9,7 +9,10 @@ Methods (each for every model family):
   qat      quantization-aware training from the fp32 checkpoint (PT2E QAT), then converted to int8.
 
 Each variant goes to artifacts/compressed/<run>/<method>/ with its artifact, variant.json (what was done)
-and metrics.json (val/test macro AUC, size, sparsity). A finished variant is never redone (resumable).
+and metrics.json (val macro AUC, size, sparsity). A finished variant is never redone (resumable).
+Compression is a development step, so it scores on the validation fold only; the test fold is read once,
+by eval-all (artifacts/eval/<run>/<method>/result.json), which also saved `make all` ~5 min of duplicate
+prediction.
 """
 from __future__ import annotations
 
@@ -56,11 +59,8 @@ def example_input(cache, adapter: InputAdapter, n: int = 2) -> torch.Tensor:
 
 
 def evaluate(model, cache, adapter, chunk: int = 256) -> dict:
-    out = {}
-    for split in ("val", "test"):
-        probs, labels = predict_dataset(model, ECGDataset(cache, split), adapter, chunk=chunk)
-        out[split] = scores(labels, probs, cache.classes)
-    return out
+    probs, labels = predict_dataset(model, ECGDataset(cache, "val"), adapter, chunk=chunk)
+    return {"val": scores(labels, probs, cache.classes)}
 
 
 def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: int, max_batches: int | None,
@@ -224,8 +224,8 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
                        fp32_bytes=(run_dir / "best.safetensors").stat().st_size)
         write_json_atomic(out / "metrics.json", metrics)
         results[method] = metrics
-        print(f"{run_dir.name}/{method}: val macro AUC {metrics['val']['macro_auc']:.4f}, test "
-              f"{metrics['test']['macro_auc']:.4f}, {metrics['artifact_bytes'] / 1e6:.2f} MB "
+        print(f"{run_dir.name}/{method}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
+              f"{metrics['artifact_bytes'] / 1e6:.2f} MB "
               f"(fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), {seconds:.0f} s")
     if failures:
         raise CompressionFailed("; ".join(failures))
