@@ -26,7 +26,8 @@ from shared.paths import runs_dir
 def build_from_config(cfg: dict, sampling_rate: int = 100) -> nn.Module:
     n_samples = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
     return build_model(cfg["model"], cfg["representation"], n_samples, arch=cfg.get("arch"),
-                       patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8))
+                       patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
+                       stem_patch=cfg.get("stem_patch"))
 
 
 def find_run(model: str, profile: str, representation: str | None = None) -> Path:
@@ -241,7 +242,11 @@ def build_compiled(variant_dir: Path, artifact: str = "model.pt2") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".compiling-", dir=variant_dir))
     try:  # built under its final name in a private folder, then renamed: a killed build leaves no half package
         with inductor_config.patch(freezing=True):  # freezing prepacks the int8 weights into the kernels
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / COMPILED_FILE))
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / COMPILED_FILE))
+            except Exception as e:  # inductor cannot lower a pattern, no C++ compiler, …: one line naming the file
+                raise ValueError(f"{source}: AOTInductor could not build {COMPILED_FILE} from it "
+                                 f"({type(e).__name__}: {_first_line(e)})") from e
         (tmp / COMPILED_FILE).replace(variant_dir / COMPILED_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -258,11 +263,20 @@ def load_compiled(variant_dir: Path, artifact: str = "model.pt2"):
     (torch 2.14, seen in tests/test_compress.py)."""
     if not compiled_is_current(variant_dir, artifact):
         build_compiled(variant_dir, artifact)
+    package = variant_dir / COMPILED_FILE
     try:
-        return torch._inductor.aoti_load_package(str(variant_dir / COMPILED_FILE))
+        return torch._inductor.aoti_load_package(str(package))
     except Exception:  # a damaged package under an intact stamp: rebuild it once
         build_compiled(variant_dir, artifact)
-        return torch._inductor.aoti_load_package(str(variant_dir / COMPILED_FILE))
+    try:
+        return torch._inductor.aoti_load_package(str(package))
+    except Exception as e:
+        raise ValueError(f"{package}: freshly built, yet it does not load ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else "no message"
 
 
 def compiled_is_current(variant_dir: Path, artifact: str = "model.pt2") -> bool:

@@ -27,8 +27,11 @@ class PretrainedUnavailable(RuntimeError):
 
 def build_model(name: str, representation: str, n_samples: int, num_classes: int = 5, n_leads: int = 12,
                 arch: str | None = None, pretrained: bool = False, patch_samples: int = 10, row_repeat: int = 8,
-                drop_path_rate: float = 0.0, drop_rate: float = 0.0, **_ignored) -> nn.Module:
-    """Build model `name` for inputs of `representation` over `n_samples` time samples."""
+                drop_path_rate: float = 0.0, drop_rate: float = 0.0, stem_patch: tuple[int, int] | None = None,
+                **_ignored) -> nn.Module:
+    """Build model `name` for inputs of `representation` over `n_samples` time samples. `stem_patch` (convnext
+    only) replaces its 4×4 patchify stem by a rows × samples one, e.g. (8, 2) on `rows` = one lead × 20 ms per
+    token instead of half a lead × 40 ms, at the same number of tokens."""
     if name in NETS1D:
         if representation != "signal":
             raise ValueError(f"{name} is a 1-D model: use representation 'signal', not {representation!r}")
@@ -52,13 +55,20 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
         elif representation == "rows":
             kwargs["patch_size"] = (row_repeat, patch_samples)
     try:
-        return timm.create_model(arch or TIMM_FAMILIES[name], pretrained=pretrained, **kwargs)
+        model = timm.create_model(arch or TIMM_FAMILIES[name], pretrained=pretrained, **kwargs)
     except Exception as e:  # timm raises hub/HTTP/OS errors when pretrained weights cannot be fetched
         if pretrained:
             raise PretrainedUnavailable(
                 f"cannot fetch pretrained weights for {arch or TIMM_FAMILIES[name]} ({type(e).__name__}: {e}); "
                 "they need the internet (Hugging Face hub) — train from scratch with pretrained = false") from None
         raise
+    if stem_patch:
+        if name != "convnext":
+            raise ValueError(f"stem_patch is a convnext option, not {name}'s")
+        stem = model.stem[0]  # timm builds the patch stem from an int only (its stride bookkeeping needs one)
+        model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=tuple(stem_patch),
+                                  stride=tuple(stem_patch), bias=stem.bias is not None)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -133,6 +133,25 @@ def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_pa
         assert not art.compiled_is_current(tmp_path), key
 
 
+def test_a_package_that_cannot_be_built_is_one_line_naming_the_program_and_leaves_nothing(tmp_path, monkeypatch):
+    """When inductor cannot lower a graph (as for xresnet1d101) the caller gets the program's path and the cause
+    in one line — compress reports it per variant, predict prints it — and no half package or stamp is left."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(3, 4)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    art.save_exported(tmp_path / "model.pt2", torch.export.export(net, (x,), dynamic_shapes=({0: batch},)).module(), x)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Attempting to broadcast a dimension of length 68\nmore detail")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
+    with pytest.raises(ValueError) as err:
+        art.load_compiled(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "model.pt2") in message and "broadcast a dimension" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+
+
 @pytest.mark.parametrize("module", ["compression.compress", "eval.export_onnx"])
 def test_missing_run_is_one_line_naming_the_folder(module, tmp_path):
     r = run_module(module, "--model", "convnext", "--profile", "cpu", env={"ARTIFACTS": str(tmp_path)})

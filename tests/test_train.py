@@ -38,6 +38,15 @@ def test_every_registry_model_forward_backward(name):
         assert count_parameters(model) > 100_000
 
 
+def test_convnext_stem_patch_gives_one_lead_per_token_row():
+    model = build_model("convnext", "rows", 250, stem_patch=(8, 2))
+    x = torch.randn(2, *input_shape("rows", 12, 250))
+    assert model.stem(x).shape[-2:] == (12, 125)  # 96 rows / 8 = the 12 leads; 250 samples / 2
+    assert model(x).shape == (2, 5)
+    with pytest.raises(ValueError, match="convnext option"):
+        build_model("effnetv2", "rows", 250, stem_patch=(8, 2))
+
+
 def test_wrong_representation_is_refused():
     with pytest.raises(ValueError, match="1-D model"):
         build_model("resnet1d_wang", "seed", 1000)
