@@ -13,7 +13,7 @@ Variants (each in artifacts/compressed/<run>/<variant>/ with model.onnx, variant
              quantize_dynamic instead when only MatMuls (and a Gemm head, left fp32) are to quantize (vit,
              deit): measured faster and closer to fp32 than QDQ on this CPU; --int8 static forces QDQ.
 
-metrics.json holds val/test macro AUC (predict_dataset, as compression does), the file sizes and
+metrics.json holds val macro AUC (predict_dataset, as compression does; test is eval-all's), the file sizes and
 max_abs_diff_vs_torch: the largest probability difference from the PyTorch fp32 model on COMPARE_RECORDS
 real val records. A finished variant (metrics.json present) is skipped unless --force.
 `make export-<model>` exports one model's run; `make export` the best run of PROFILE by val macro AUC.
@@ -73,12 +73,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def evaluate(model, cache, adapter, chunk: int = EVAL_CHUNK) -> dict:
-    """val/test scores exactly as compression/compress.py's evaluate()."""
-    out = {}
-    for split in ("val", "test"):
-        probs, labels = predict_dataset(model, ECGDataset(cache, split), adapter, chunk=chunk)
-        out[split] = scores(labels, probs, cache.classes)
-    return out
+    """Validation scores exactly as compression/compress.py's evaluate(): exporting is a development step, so the
+    test fold is left to eval-all, which scores these variants like every other."""
+    probs, labels = predict_dataset(model, ECGDataset(cache, "val"), adapter, chunk=chunk)
+    return {"val": scores(labels, probs, cache.classes)}
 
 
 def real_inputs(cache, adapter: InputAdapter, split: str = "val", records: int = COMPARE_RECORDS) -> torch.Tensor:
@@ -349,8 +347,8 @@ def _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare,
             print(f"warning: {run_dir.name}/onnx_int8 loses {-change:.4f} val macro AUC against onnx_fp32 "
                   f"(more than {AUC_WARN}); try --int8 dynamic, or keep this model in fp32", file=sys.stderr)
     write_json_atomic(out / "metrics.json", metrics)
-    print(f"{run_dir.name}/{variant}: val macro AUC {metrics['val']['macro_auc']:.4f}, test "
-          f"{metrics['test']['macro_auc']:.4f}, {metrics['artifact_bytes'] / 1e6:.2f} MB "
+    print(f"{run_dir.name}/{variant}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
+          f"{metrics['artifact_bytes'] / 1e6:.2f} MB "
           f"(fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), max |Δp| vs torch "
           f"{metrics['max_abs_diff_vs_torch']:.4f}, {seconds:.0f} s ({info.get('export')})", flush=True)
     return metrics
