@@ -33,10 +33,10 @@ if str(REPO) not in sys.path:
 from shared import artifacts as art  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
+from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
 from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
-from shared.training import InputAdapter, predict_dataset, scores, train_step  # noqa: E402
+from shared.training import InputAdapter, train_step, validation_scores  # noqa: E402
 
 # Knobs
 METHODS = ("prune", "dynamic", "static", "qat")
@@ -56,11 +56,6 @@ warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
 def example_input(cache, adapter: InputAdapter, n: int = 2) -> torch.Tensor:
     x, _ = ECGDataset(cache, "train").__getitems__(range(n))
     return adapter.eval_inputs(x)[0][:n]
-
-
-def evaluate(model, cache, adapter, chunk: int = 256) -> dict:
-    probs, labels = predict_dataset(model, ECGDataset(cache, "val"), adapter, chunk=chunk)
-    return {"val": scores(labels, probs, cache.classes)}
 
 
 def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: int, max_batches: int | None,
@@ -211,9 +206,9 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
             seconds = time.time() - t0
             if method not in art.COMPILED_METHODS:
                 evaluated = art.channels_last_if_configured(evaluated, cfg)
-            metrics = evaluate(evaluated, cache, adapter)
+            metrics = validation_scores(evaluated, cache, adapter)
         except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern, inductor cannot lower it
-            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {first_line(e)}")
             print(f"error: {failures[-1]}", file=sys.stderr)
             continue
         info.update(method="pruned" if method == "prune" else method, run=str(run_dir.resolve()),

@@ -39,10 +39,10 @@ if str(REPO) not in sys.path:
 from shared import artifacts as art  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import atomic_path, library_versions, read_json, write_json_atomic  # noqa: E402
+from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic  # noqa: E402
 from shared.nets import MODELS  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
-from shared.training import InputAdapter, predict_dataset, scores  # noqa: E402
+from shared.training import InputAdapter, validation_scores  # noqa: E402
 
 # Knobs
 VARIANTS = ("onnx_fp32", "onnx_int8")
@@ -70,13 +70,6 @@ EVAL_CHUNK = 256
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def evaluate(model, cache, adapter, chunk: int = EVAL_CHUNK) -> dict:
-    """Validation scores exactly as compression/compress.py's evaluate(): exporting is a development step, so the
-    test fold is left to eval-all, which scores these variants like every other."""
-    probs, labels = predict_dataset(model, ECGDataset(cache, "val"), adapter, chunk=chunk)
-    return {"val": scores(labels, probs, cache.classes)}
 
 
 def real_inputs(cache, adapter: InputAdapter, split: str = "val", records: int = COMPARE_RECORDS) -> torch.Tensor:
@@ -137,7 +130,7 @@ def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path, dynam
                         raise ValueError(f"outputs differ from PyTorch by {diff:.2e} (batch {len(part)})")
                 del session
         except Exception as e:
-            errors.append(f"{exporter.__name__[1:]}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            errors.append(f"{exporter.__name__[1:]}: {type(e).__name__}: {first_line(e)}")
             print(f"export failed, {errors[-1]}", file=sys.stderr)
             continue
         proto = onnx.load(str(path), load_external_data=False)
@@ -299,7 +292,7 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
             results[variant] = _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare, root,
                                                batches, activation_type, dynamo, mode)
         except Exception as e:  # the exporter or the quantizer cannot handle this network: report, go on
-            failures.append(f"{run_dir.name}/{variant}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            failures.append(f"{run_dir.name}/{variant}: {type(e).__name__}: {first_line(e)}")
             print(f"error: {failures[-1]}", file=sys.stderr)
     if failures:
         raise ExportFailed("; ".join(failures))
@@ -335,7 +328,7 @@ def _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare,
                 versions={**library_versions(), **_onnx_versions()})
     write_json_atomic(out / "variant.json", info)
     session = OnnxModel(out / "model.onnx")
-    metrics = evaluate(session, cache, adapter)
+    metrics = validation_scores(session, cache, adapter, chunk=EVAL_CHUNK)
     metrics.update(method=variant, run=run_dir.name, artifact_bytes=(out / "model.onnx").stat().st_size,
                    fp32_bytes=(run_dir / "best.safetensors").stat().st_size,
                    **prob_diff(session, torch_model, compare))

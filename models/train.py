@@ -119,7 +119,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
     model = build_model(cfg["model"], cfg["representation"], adapter.crop, num_classes=len(cache.classes),
                         arch=cfg.get("arch"), pretrained=cfg.get("pretrained", False),
                         patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
-                        stem_patch=cfg.get("stem_patch"), drop_path_rate=cfg.get("drop_path_rate", 0.0), drop_rate=cfg.get("drop_rate", 0.0)).to(device)
+                        stem_patch=cfg.get("stem_patch"), drop_path_rate=cfg.get("drop_path_rate", 0.0),
+                        drop_rate=cfg.get("drop_rate", 0.0)).to(device)
     params = count_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from shared.io import load_weights, read_json, save_weights
+from shared.io import first_line, load_weights, read_json, save_weights
 from shared.nets import build_model
 from shared.paths import runs_dir
 
@@ -246,7 +246,7 @@ def build_compiled(variant_dir: Path, artifact: str = "model.pt2") -> Path:
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / COMPILED_FILE))
             except Exception as e:  # inductor cannot lower a pattern, no C++ compiler, …: one line naming the file
                 raise ValueError(f"{source}: AOTInductor could not build {COMPILED_FILE} from it "
-                                 f"({type(e).__name__}: {_first_line(e)})") from e
+                                 f"({type(e).__name__}: {first_line(e)})") from e
         (tmp / COMPILED_FILE).replace(variant_dir / COMPILED_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,12 +271,7 @@ def load_compiled(variant_dir: Path, artifact: str = "model.pt2"):
     try:
         return torch._inductor.aoti_load_package(str(package))
     except Exception as e:
-        raise ValueError(f"{package}: freshly built, yet it does not load ({type(e).__name__}: {_first_line(e)})") from e
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else "no message"
+        raise ValueError(f"{package}: freshly built, yet it does not load ({type(e).__name__}: {first_line(e)})") from e
 
 
 def compiled_is_current(variant_dir: Path, artifact: str = "model.pt2") -> bool:

@@ -140,3 +140,9 @@ def load_weights(path: str | os.PathLike) -> dict:
         return load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to one line, for one-line error reports (inductor and ONNX messages run long)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else "no message"

@@ -106,6 +106,15 @@ def scores(y_true: np.ndarray, y_prob: np.ndarray, classes) -> dict:
             "records": int(len(y_true))}
 
 
+def validation_scores(model, cache, adapter: InputAdapter, chunk: int = 256) -> dict:
+    """{"val": scores} of a model derived from a trained run (compressed, exported): such steps are development
+    steps, so they look at the validation fold only; the test fold is eval-all's."""
+    from shared.dataset import ECGDataset
+
+    probs, labels = predict_dataset(model, ECGDataset(cache, "val"), adapter, chunk=chunk)
+    return {"val": scores(labels, probs, cache.classes)}
+
+
 @torch.no_grad()
 def predict_dataset(model, dataset, adapter: InputAdapter, chunk: int = 256, progress: bool = False,
                     desc: str = "eval", channels_last: bool = False):
