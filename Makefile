@@ -25,6 +25,19 @@ TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representat
 DEMO_ARTIFACTS ?= $(CURDIR)/artifacts/demo
 DEMO_DATA      ?= $(firstword $(wildcard $(CURDIR)/../shared/ptbxl-sample))
 DEMO_SET       := --set epochs=6 --set max_train_records=100000 --set max_train_batches=35
+# JOBS: how many models train-all, compress-all and demo work on at once, each on NPROC/JOBS threads. On the
+# 2-core machine two one-thread jobs did 1.3x the work of one two-thread job (README, "make all"); JOBS=1 runs
+# one model at a time on every core (use it on a single GPU, or to reproduce a run's exact floating-point path).
+NPROC       := $(shell nproc 2>/dev/null || echo 1)
+JOBS        ?= $(if $(filter 1,$(NPROC)),1,2)
+JOB_THREADS := $(shell j=$(JOBS); n=$(NPROC); t=$$((n / j)); [ $$t -ge 1 ] && echo $$t || echo 1)
+JOB_ENV     := $(if $(filter 1,$(JOBS)),,OMP_NUM_THREADS=$(JOB_THREADS))
+# costliest first, so the last job to start is a short one
+TRAIN_ORDER := effnetv2 convnext deit vit xresnet1d101 resnet1d_wang
+# demo's two models side by side when JOBS > 1 (a failed one stops the demo at the next `wait`)
+BACKGROUND  := $(if $(filter 1,$(JOBS)),;,& pids="$$pids $$!";)
+# stages that make all (or train-all) starts after `make data` skip the cache check
+DATA_DEP    := $(if $(NO_DATA),$(VENV_STAMP),data)
 TRIALS     ?= 20
 TIMEOUT    ?= 3600
 OPTUNA_STORAGE ?=
@@ -32,7 +45,11 @@ export OPTUNA_STORAGE
 
 .PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all export
 
-all: data train-all compress-all eval-all report  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE)
+all: $(VENV_STAMP)  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE, JOBS)
+	@start=$$(date +%s); set -e; \
+	$(MAKE) --no-print-directory data; \
+	for stage in train-all compress-all eval-all report; do $(MAKE) --no-print-directory $$stage NO_DATA=1; done; \
+	echo "make all finished in $$(( $$(date +%s) - start )) s (JOBS=$(JOBS), PROFILE=$(PROFILE))"
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -53,10 +70,11 @@ synth: $(VENV_STAMP)  ## write a synthetic PTB-XL folder (RECORDS=200, OUT=artif
 bench-data: $(VENV_STAMP)  ## benchmark make data vs a wfdb.rdsamp loop, and a full-size synthetic build
 	$(PYTHON) -m data_prep.benchmark
 
-train-%: data  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, RESUME=1)
+train-%: $(DATA_DEP)  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, RESUME=1)
 	$(PYTHON) -m models.train --model $* $(TRAIN_ARGS)
 
-train-all: $(addprefix train-,$(ALL_MODELS))  ## train every model with its default representation
+train-all: $(DATA_DEP)  ## train every model with its default representation, JOBS at a time
+	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) NO_DATA=1 $(addprefix train-,$(TRAIN_ORDER))
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 bakeoff: train-all  ## also train the four 2-D families with the seed recipe, then compare
@@ -67,7 +85,7 @@ summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 .PHONY: tune-all
-tune-%: data  ## Optuna-tune one model on validation AUC (PROFILE, TRIALS=20 in total, TIMEOUT=3600 s, OPTUNA_STORAGE, SET="k=v …" fixes keys)
+tune-%: $(DATA_DEP)  ## Optuna-tune one model on validation AUC (PROFILE, TRIALS=20 in total, TIMEOUT=3600 s, OPTUNA_STORAGE, SET="k=v …" fixes keys)
 	$(PYTHON) -m models.tune --model $* --profile $(PROFILE) --trials $(TRIALS) --timeout $(TIMEOUT) $(foreach s,$(SET),--set $(s))
 
 tune-all: $(addprefix tune-,$(ALL_MODELS))  ## tune every model; then `make train-all CONFIG=tuned`
@@ -86,9 +104,12 @@ quantize-%: $(VENV_STAMP)  ## dynamic, static (PT2E, calibrated) and QAT int8 va
 bench-compress-%: $(VENV_STAMP)  ## size / AUC / CPU throughput of fp32, bf16 and every variant of a model
 	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE)
 
-prune-all: $(addprefix prune-,$(ALL_MODELS))  ## prune every trained model
-quantize-all: $(addprefix quantize-,$(ALL_MODELS))  ## quantize every trained model
-compress-all: prune-all quantize-all  ## every compression of every trained model
+prune-all: $(VENV_STAMP)  ## prune every trained model, JOBS at a time
+	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix prune-,$(TRAIN_ORDER))
+quantize-all: $(VENV_STAMP)  ## quantize every trained model, JOBS at a time
+	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER))
+compress-all: $(VENV_STAMP)  ## every compression of every trained model, JOBS at a time
+	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER)) $(addprefix prune-,$(TRAIN_ORDER))
 
 export-%: $(VENV_STAMP)  ## ONNX fp32 + ONNX Runtime static int8 (QDQ, calibrated) of a trained model's run
 	$(PYTHON) -m eval.export_onnx --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
@@ -113,9 +134,12 @@ demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → re
 	if [ -z "$$src" ]; then src=$(DEMO_ARTIFACTS)/synth-ptbxl; \
 	  $(PYTHON) -m data_prep.synth --records 600 --out $$src; fi; \
 	$(PYTHON) -m data_prep.build_cache --ptbxl-dir $$src; \
-	for m in resnet1d_wang vit; do $(PYTHON) -m models.train --model $$m --profile quick $(DEMO_SET); done; \
-	$(PYTHON) -m compression.compress --model vit --profile quick --methods prune,dynamic,static; \
-	$(PYTHON) -m compression.compress --model resnet1d_wang --profile quick --methods prune,dynamic; \
+	pids=""; for m in vit resnet1d_wang; do \
+	  $(JOB_ENV) $(PYTHON) -m models.train --model $$m --profile quick $(DEMO_SET) $(BACKGROUND) done; \
+	for p in $$pids; do wait $$p; done; pids=""; \
+	$(JOB_ENV) $(PYTHON) -m compression.compress --model vit --profile quick --methods prune,dynamic,static $(BACKGROUND) \
+	$(JOB_ENV) $(PYTHON) -m compression.compress --model resnet1d_wang --profile quick --methods prune,dynamic $(BACKGROUND) \
+	for p in $$pids; do wait $$p; done; \
 	$(PYTHON) -m eval.evaluate --all; \
 	$(PYTHON) -m eval.report --out $(DEMO_ARTIFACTS)/report; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: open $(DEMO_ARTIFACTS)/report/report.html"

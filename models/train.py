@@ -237,11 +237,12 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
             "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
             "config": cfg["config"], "run": out.name,
             "val": scores(val_labels, val_probs, cache.classes), **test,
-            "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "params": params,
+            "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1,
+            "epochs_run": state["epoch"], "params": params,
             "checkpoint_bytes": best_path.stat().st_size, "train_seconds": round(state["train_seconds"], 1),
             "data_time_share": round(data_time / step_time, 4) if step_time else None,
             "train_samples_per_s": round(samples_seen / step_time, 1) if step_time else None,
-            "device": str(device), "world_size": world, "data": str(data_dir),
+            "device": str(device), "world_size": world, "threads": torch.get_num_threads(), "data": str(data_dir),
         }
         write_json_atomic(out / "metrics.json", result)
     if world > 1:
