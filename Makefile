@@ -117,8 +117,8 @@ export-%: $(VENV_STAMP)  ## ONNX fp32 + ONNX Runtime static int8 (QDQ, calibrate
 export: $(VENV_STAMP)  ## ONNX fp32 + int8 of the best run of PROFILE by val macro AUC
 	$(PYTHON) -m eval.export_onnx --best --profile $(PROFILE)
 
-eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency); skips up-to-date results
-	$(PYTHON) -m eval.evaluate --all
+eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency), JOBS at a time; skips up-to-date results
+	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS)
 
 eval: $(VENV_STAMP)  ## score ARTIFACT=<run or variant folder> on DATA=<PTB-XL-layout folder> (FOLDS=, IDS=)
 	$(PYTHON) -m eval.evaluate --artifact $(ARTIFACT) $(if $(DATA),--data $(DATA)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(IDS),--ids $(IDS))
@@ -140,7 +140,7 @@ demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → re
 	$(JOB_ENV) $(PYTHON) -m compression.compress --model vit --profile quick --methods prune,dynamic,static $(BACKGROUND) \
 	$(JOB_ENV) $(PYTHON) -m compression.compress --model resnet1d_wang --profile quick --methods prune,dynamic $(BACKGROUND) \
 	for p in $$pids; do wait $$p; done; \
-	$(PYTHON) -m eval.evaluate --all; \
+	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS); \
 	$(PYTHON) -m eval.report --out $(DEMO_ARTIFACTS)/report; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: open $(DEMO_ARTIFACTS)/report/report.html"
 

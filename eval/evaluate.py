@@ -159,7 +159,7 @@ def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
 
 # ------------------------------------------------------------------ one artifact on the cache
 def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED, speed: bool = True,
-                      data_dir: Path | None = None, latency_runs: int = LATENCY_RUNS) -> dict:
+                      data_dir: Path | None = None, latency_runs: int = LATENCY_RUNS, timing_gate: bool = False) -> dict:
     from shared.cache import open_cache
     from shared.dataset import ECGDataset
 
@@ -186,7 +186,10 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
     if speed:
         x, _ = ECGDataset(cache, "val").__getitems__(range(THROUGHPUT_BATCH))
         example = adapter.eval_inputs(x)[0][:THROUGHPUT_BATCH]
+        paused = wait_for_the_cpu() if timing_gate else None
         result["efficiency"] = efficiency(model, example, latency_runs)
+        if paused is not None:
+            result["efficiency"]["other_evaluations_paused"] = paused
         result["efficiency"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["efficiency"]["cpu"] = art.host_cpu()
     result.update(seconds=round(time.time() - t0, 1), versions=library_versions(),
@@ -299,8 +302,73 @@ def collect() -> list[dict]:
 
 
 # ------------------------------------------------------------------ driver
+# eval-all scores JOBS artifacts at once (each process on NPROC/JOBS threads: two one-thread processes do 1.3x
+# the work of one two-thread process on the 2-core machine), but latency and throughput are timed by one process
+# at a time with the others paused (SIGSTOP), so the figures mean what they say. The protocol: a worker that
+# reaches its timing prints READY and waits for a line on stdin; the driver pauses every other worker, answers
+# with their pids, and resumes them when the timed worker exits.
+READY = "@@eval-ready-to-time"
+
+
+def wait_for_the_cpu() -> int:
+    """Ask eval-all for the CPU; return how many other evaluations were verifiably paused while we time."""
+    print(READY, flush=True)
+    answer = sys.stdin.readline().split()  # the pids eval-all paused (none when it runs one artifact at a time)
+    return sum(1 for pid in answer if _is_stopped(int(pid)))
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+class _Worker:
+    """One `eval.evaluate --artifact` process; a thread forwards its stdout lines to the driver's queue."""
+
+    def __init__(self, item: dict, args: list[str], env: dict, events: "queue.Queue"):
+        import tempfile
+        import threading
+
+        self.item, self.lines = item, []
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty stderr cannot block it
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1)
+        threading.Thread(target=self._read, args=(events,), daemon=True).start()
+
+    def _read(self, events):
+        for line in self.proc.stdout:
+            if line.strip() == READY:
+                events.put(("ready", self))
+            else:
+                self.lines.append(line.rstrip("\n"))
+        events.put(("done", self, self.proc.wait()))
+
+    def grant(self, paused: list[int]):
+        try:
+            self.proc.stdin.write(" ".join(map(str, paused)) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died meanwhile; its "done" event follows
+
+    def signal(self, sig):
+        try:
+            self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def error_text(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+
 def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
-                 latency_runs: int = LATENCY_RUNS) -> int:
+                 latency_runs: int = LATENCY_RUNS, jobs: int = 1) -> int:
+    import os
+    import queue
+    import signal
+
     from tqdm import tqdm
 
     items = [i for i in discover() if not only or only in i["id"]]
@@ -309,23 +377,66 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
               file=sys.stderr)
         return 2
     todo = [i for i in items if force or not is_fresh(i)]
-    print(f"{len(items)} artifacts, {len(items) - len(todo)} up to date, {len(todo)} to evaluate")
+    jobs = max(1, min(jobs, len(todo))) if hasattr(signal, "SIGSTOP") else 1
+    print(f"{len(items)} artifacts, {len(items) - len(todo)} up to date, {len(todo)} to evaluate"
+          + (f", {jobs} at a time" if jobs > 1 else ""))
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    events, pending, running, waiting, timing = queue.Queue(), list(todo), [], [], None
     failures = []
-    for item in tqdm(todo, desc="eval-all", unit="artifact"):
-        args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--bootstrap", str(n_boot),
-                "--latency-runs", str(latency_runs)] + ([] if speed else ["--no-speed"])
-        if item["variant"] in ("fp32", "bf16"):  # a training run folder scored two ways
-            args += ["--variant", item["variant"]]
-        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            log = result_dir(item["id"]) / "error.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(log, proc.stderr)
-            failures.append(f"{item['id']}: {exception_line(proc.stderr)} (full log: {log})")
-            tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
-        else:
-            tqdm.write(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else item["id"])
-            write_tables(collect())  # after each artifact, so an interrupted eval-all still feeds the report
+    bar = tqdm(total=len(todo), desc="eval-all", unit="artifact")
+
+    def grant(worker):
+        others = [w for w in running if w is not worker]
+        for w in others:
+            w.signal(signal.SIGSTOP)
+        worker.signal(signal.SIGCONT)
+        worker.grant([w.proc.pid for w in others])
+        return worker
+
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and timing is None:  # nothing new starts while one is timed
+                item = pending.pop(0)
+                args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--bootstrap",
+                        str(n_boot), "--latency-runs", str(latency_runs), "--timing-gate"] + ([] if speed else ["--no-speed"])
+                if item["variant"] in ("fp32", "bf16"):  # a training run folder scored two ways
+                    args += ["--variant", item["variant"]]
+                running.append(_Worker(item, args, env, events))
+            kind, worker, *rest = events.get()
+            if kind == "ready":
+                if timing is None:
+                    timing = grant(worker)
+                else:
+                    waiting.append(worker)
+                continue
+            running.remove(worker)
+            if worker is timing:
+                timing = None
+            if worker in waiting:
+                waiting.remove(worker)
+            if timing is None:
+                if waiting:
+                    timing = grant(waiting.pop(0))
+                else:
+                    for w in running:
+                        w.signal(signal.SIGCONT)
+            item, rc = worker.item, rest[0]
+            if rc != 0:
+                log = result_dir(item["id"]) / "error.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(log, worker.error_text())
+                failures.append(f"{item['id']}: {exception_line(worker.error_text())} (full log: {log})")
+                tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
+            else:
+                tqdm.write(worker.lines[-1] if worker.lines else item["id"])
+                write_tables(collect())  # after each artifact, so an interrupted eval-all still feeds the report
+            bar.update(1)
+    finally:  # never leave a paused worker behind (Ctrl-C reaches the workers too, once they run again)
+        for w in running:
+            w.signal(signal.SIGCONT)
+    bar.close()
     json_path, csv_path = write_tables(collect())
     print(f"wrote {json_path} and {csv_path}")
     return 1 if failures else 0
@@ -387,10 +498,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurements")
     ap.add_argument("--latency-runs", type=int, default=LATENCY_RUNS, help="timed batch-1 passes (default %(default)s)")
     ap.add_argument("--force", action="store_true", help="re-evaluate artifacts whose results are up to date")
+    ap.add_argument("--jobs", type=int, default=1, help="with --all: artifacts scored at once, each on cores/JOBS "
+                                                        "threads; timing still runs one at a time (default 1)")
+    ap.add_argument("--timing-gate", action="store_true", help=argparse.SUPPRESS)  # eval-all's worker protocol
     args = ap.parse_args(argv)
     try:
         if args.all and args.data is None:
-            return evaluate_all(args.force, args.bootstrap, not args.no_speed, args.only, args.latency_runs)
+            return evaluate_all(args.force, args.bootstrap, not args.no_speed, args.only, args.latency_runs, args.jobs)
         if args.artifact is None:
             ap.error("give --all or --artifact PATH")
         item = resolve_item(args.artifact, args.variant)
@@ -402,7 +516,7 @@ def main(argv=None) -> int:
             result["artifact"] = f"{item['id']} on {args.data}"
         else:
             result = evaluate_artifact(item, args.bootstrap, args.seed, not args.no_speed,
-                                       latency_runs=args.latency_runs)
+                                       latency_runs=args.latency_runs, timing_gate=args.timing_gate)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ def scored(quick_resnet_run, sample_cache, tmp_path_factory):
     env = {"ARTIFACTS": str(root)}
     run_module("compression.compress", "--run", root / "runs" / "resnet1d_wang-signal-quick", "--methods", "dynamic",
                "--data", sample_cache, env=env, check=True)
-    r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", env=env)
+    r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", "--jobs", "2", env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return root, env
 
@@ -101,6 +101,9 @@ def test_eval_all_writes_results_with_intervals_and_efficiency(scored):
     e = fp32["efficiency"]
     assert e["latency_ms_b1_t1"] > 0 and e["latency_p95_ms_b1_t1"] >= e["latency_ms_b1_t1"]
     assert e["throughput_b32_t2"] > 0 and e["peak_rss_mb"] > 50
+    # scored two at a time, timed one at a time: the first to time finds its peer still scoring and pauses it;
+    # nothing new starts while one is timed, so the other two are timed alone
+    assert sorted(r["efficiency"]["other_evaluations_paused"] for r in results) == [0, 0, 1]
     csv = (root / "eval" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("artifact,run,variant") and len(csv) > 50
     again = run_module("eval.evaluate", "--all", env=env)
