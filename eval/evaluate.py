@@ -36,7 +36,8 @@ if str(REPO) not in sys.path:
 
 from shared import artifacts as art  # noqa: E402
 from shared import metrics as M  # noqa: E402
-from shared.io import library_versions, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from shared.io import (first_line, library_versions, read_json, write_bytes_atomic, write_json_atomic,  # noqa: E402
+                       write_text_atomic)
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
 from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset  # noqa: E402
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
             result = evaluate_artifact(item, args.bootstrap, args.seed, not args.no_speed,
                                        latency_runs=args.latency_runs, timing_gate=args.timing_gate)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     print_summary(result)
     return 0

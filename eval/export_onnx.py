@@ -223,7 +223,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, cache, adapter: InputAdapter,
             quant_pre_process(str(fp32_path), str(pre))
             pre_process = "quant_pre_process"
         except Exception as e:  # e.g. symbolic shape inference meets a Squeeze it cannot type (resnet1d_wang)
-            print(f"quant_pre_process failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            print(f"quant_pre_process failed ({type(e).__name__}: {first_line(e)}); "
                   "retrying without symbolic shape inference", file=sys.stderr)
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
             pre_process = "quant_pre_process(skip_symbolic_shape=True)"

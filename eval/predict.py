@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 from shared import artifacts as art  # noqa: E402
 from shared.inference import InputError, load_signal, normalization, normalize  # noqa: E402
-from shared.io import read_json  # noqa: E402
+from shared.io import first_line, read_json  # noqa: E402
 from shared.labels import CLASSES  # noqa: E402
 from shared.paths import eval_dir  # noqa: E402
 from shared.training import InputAdapter  # noqa: E402
@@ -56,7 +56,7 @@ class Predictor:
         try:
             self.model, self.cfg, self.info = art.load_variant(artifact, compiled=compiled)
         except (FileNotFoundError, ValueError) as e:
-            raise InputError(f"{artifact}: not a loadable model artifact ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{artifact}: not a loadable model artifact ({first_line(e)})") from None
         self.fs = int(self.cfg.get("sampling_rate", 100))
         self.adapter = InputAdapter(self.cfg, self.fs)
         self.min_seconds = self.cfg.get("crop_seconds", 10.0)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             rows.append({"record": str(record), "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
                          "labels": labels, "ms": round(ms, 2)})
     except InputError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"model": str(args.model), "thresholds": dict(zip(CLASSES, predictor.thresholds.tolist())),

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from shared.io import library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
+from shared.io import first_line, library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
 from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir  # noqa: E402
 
 # Quoted, not measured here: test-fold (fold 10) macro AUC on the FULL PTB-XL, diagnostic superclasses,
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     try:
         html_path, md_path = build(args.out or report_dir())
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {html_path} and {md_path} in {time.time() - t0:.1f} s")
     return 0

@@ -175,7 +175,7 @@ def _load_program(path: Path):
     try:
         return torch.export.load(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a loadable exported program ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not a loadable exported program ({first_line(e)})") from None
 
 
 def load_exported(path: Path) -> nn.Module:

@@ -115,10 +115,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpoint(f"{path}: refused — it is not a plain-weights checkpoint ({first})") from None
+        raise UnsafeCheckpoint(f"{path}: refused — it is not a plain-weights checkpoint ({first_line(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise UnsafeCheckpoint(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+        raise UnsafeCheckpoint(f"{path}: not a readable checkpoint ({first_line(e)})") from None
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict | None = None) -> None:

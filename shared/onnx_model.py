@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.io import first_line
+
 GRAPH_OPTIMIZATION = "all"     # disable | basic | extended | all (ORT's GraphOptimizationLevel)
 
 
@@ -51,7 +53,7 @@ class OnnxModel:
                 s = ort.InferenceSession(str(self.path), session_options(threads, self.optimization),
                                          providers=["CPUExecutionProvider"])
             except Exception as e:
-                raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+                raise ValueError(f"{self.path}: not a loadable ONNX model ({first_line(e)})") from None
             self._sessions[threads] = s
             self.input_name = s.get_inputs()[0].name
             self.output_name = s.get_outputs()[0].name

@@ -164,3 +164,28 @@ def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
     assert not marker.exists()
     r = run_module("models.train", "--help")
     assert r.returncode == 0 and "--resume" in r.stdout
+
+
+def test_evaluation_in_cpu_sized_chunks_gives_the_one_pass_answer(monkeypatch):
+    """predict_batches cuts a batch's windows into CPU_WINDOWS_PER_FORWARD-sized passes; the average over each
+    record's windows must not notice (incl. a last pass shorter than the rest)."""
+    from shared import training
+
+    class Windows:  # 3 windows per record: the record, its negative, twice it
+        def eval_inputs(self, x):
+            return torch.stack([x, -x, 2 * x], dim=1).reshape(-1, x.shape[-1]), 3
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 5))
+    data = torch.utils.data.TensorDataset(torch.randn(10, 8), torch.randint(0, 2, (10, 5)).float())
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    monkeypatch.setattr(training, "CPU_WINDOWS_PER_FORWARD", 10 ** 6)
+    whole, labels = training.predict_batches(model, loader, Windows(), torch.device("cpu"))
+    monkeypatch.setattr(training, "CPU_WINDOWS_PER_FORWARD", 5)  # 12 windows per batch → passes of 5, 5, 2
+    chunked, labels2 = training.predict_batches(model, loader, Windows(), torch.device("cpu"))
+    assert torch.allclose(torch.from_numpy(chunked), torch.from_numpy(whole), atol=1e-6)
+    assert (labels == labels2).all() and chunked.shape == (10, 5)
+    with torch.no_grad():
+        x = data.tensors[0]
+        manual = torch.stack([torch.sigmoid(model(v)) for v in (x, -x, 2 * x)]).mean(0)
+    assert torch.allclose(torch.from_numpy(chunked), manual, atol=1e-6)
