@@ -8,7 +8,8 @@ thresholds tuned on VALIDATION only, sample-wise exact-match accuracy, the bench
 non-zeros, batch-1 latency (median, p95), batch-32 throughput at 1 and 2 threads, and peak RSS.
 
 Each artifact is scored in its own process (clean peak-RSS figures; one broken artifact cannot stop the
-rest) and skipped when its result is newer than the artifact. Writes
+rest), `--jobs` of them at a time but timed one at a time (see the driver), and skipped when its result is
+newer than the artifact. Writes
   artifacts/eval/<run>/<variant>/result.json + predictions.npz
   artifacts/eval/results.json and results.csv (tidy: one row per artifact × split × metric × class)
 
@@ -160,7 +161,8 @@ def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
 
 # ------------------------------------------------------------------ one artifact on the cache
 def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED, speed: bool = True,
-                      data_dir: Path | None = None, latency_runs: int = LATENCY_RUNS, timing_gate: bool = False) -> dict:
+                      data_dir: Path | None = None, latency_runs: int = LATENCY_RUNS,
+                      timing_gate: bool = False) -> dict:
     from shared.cache import open_cache
     from shared.dataset import ECGDataset
 
@@ -401,7 +403,8 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
             while pending and len(running) < jobs and timing is None:  # nothing new starts while one is timed
                 item = pending.pop(0)
                 args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--bootstrap",
-                        str(n_boot), "--latency-runs", str(latency_runs), "--timing-gate"] + ([] if speed else ["--no-speed"])
+                        str(n_boot), "--latency-runs", str(latency_runs), "--timing-gate"]
+                args += [] if speed else ["--no-speed"]
                 if item["variant"] in ("fp32", "bf16"):  # a training run folder scored two ways
                     args += ["--variant", item["variant"]]
                 running.append(_Worker(item, args, env, events))
