@@ -309,15 +309,20 @@ def collect() -> list[dict]:
 # the work of one two-thread process on the 2-core machine), but latency and throughput are timed by one process
 # at a time with the others paused (SIGSTOP), so the figures mean what they say. The protocol: a worker that
 # reaches its timing prints READY and waits for a line on stdin; the driver pauses every other worker, answers
-# with their pids, and resumes them when the timed worker exits.
+# with their pids, and resumes them when the timed worker exits. New workers start only while nobody is timed.
 READY = "@@eval-ready-to-time"
 
 
-def wait_for_the_cpu() -> int:
-    """Ask eval-all for the CPU; return how many other evaluations were verifiably paused while we time."""
+def wait_for_the_cpu(settle_seconds: float = 2.0) -> int:
+    """Ask eval-all for the CPU; return how many other evaluations were verifiably paused while we time.
+
+    SIGSTOP takes effect asynchronously, so wait (briefly) until every peer shows as stopped before timing."""
     print(READY, flush=True)
-    answer = sys.stdin.readline().split()  # the pids eval-all paused (none when it runs one artifact at a time)
-    return sum(1 for pid in answer if _is_stopped(int(pid)))
+    pids = [int(p) for p in sys.stdin.readline().split()]  # the pids eval-all paused (none when alone)
+    deadline = time.time() + settle_seconds
+    while not all(_is_stopped(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.01)
+    return sum(1 for pid in pids if _is_stopped(pid))
 
 
 def _is_stopped(pid: int) -> bool:

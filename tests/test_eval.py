@@ -101,9 +101,10 @@ def test_eval_all_writes_results_with_intervals_and_efficiency(scored):
     e = fp32["efficiency"]
     assert e["latency_ms_b1_t1"] > 0 and e["latency_p95_ms_b1_t1"] >= e["latency_ms_b1_t1"]
     assert e["throughput_b32_t2"] > 0 and e["peak_rss_mb"] > 50
-    # scored two at a time, timed one at a time: the first to time finds its peer still scoring and pauses it;
-    # nothing new starts while one is timed, so the other two are timed alone
-    assert sorted(r["efficiency"]["other_evaluations_paused"] for r in results) == [0, 0, 1]
+    # scored two at a time, timed one at a time: the first to time finds its peer still scoring (a worker cannot
+    # finish before it has been timed) and pauses it; the last is timed alone
+    paused = [r["efficiency"]["other_evaluations_paused"] for r in results]
+    assert sorted(paused)[-1] == 1 and sorted(paused)[0] == 0 and set(paused) <= {0, 1}
     csv = (root / "eval" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("artifact,run,variant") and len(csv) > 50
     again = run_module("eval.evaluate", "--all", env=env)
