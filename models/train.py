@@ -162,6 +162,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
 
     data_time = step_time = 0.0
     samples_seen = 0
+    best_val = None  # the best epoch's validation output, when this process computed it (not across a resume)
     while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg.get("patience", 10**9):
         epoch = state["epoch"]
         t_epoch = time.perf_counter()
@@ -196,6 +197,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         improved = val_auc > state["best_auc"]
         if improved:
             state.update(best_auc=val_auc, best_epoch=epoch, bad_epochs=0)
+            best_val = probs, labels
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -224,7 +226,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         from shared.io import load_weights
 
         model.load_state_dict(load_weights(best_path))
-        val_probs, val_labels = predict_batches(model, val_loader, adapter, device, amp)
+        # the best epoch's pass saw these very weights: reuse it rather than score validation once more
+        val_probs, val_labels = best_val or predict_batches(model, val_loader, adapter, device, amp)
         arrays, test = {"val_probs": val_probs, "val_labels": val_labels}, {}
         if evaluate_test:
             test_ds = ECGDataset(cache, "test")  # first and only look at the test fold

@@ -242,6 +242,44 @@ def trial_record(t) -> dict:
             "run": t.user_attrs.get("run"), "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)}
 
 
+def fail_trials_without_heartbeat(study, storage, grace: float) -> list[int]:
+    """Fail (and re-queue, like a stale trial) each RUNNING trial that never recorded a heartbeat.
+
+    Optuna only fails RUNNING trials whose heartbeat went stale; a worker killed between creating a trial
+    and its first heartbeat (a few ms, right after the previous trial finished) leaves a trial with no
+    heartbeat, RUNNING forever, and a study that counts it as running elsewhere never finishes. A live
+    worker records the first heartbeat within ms of creating the trial, so one older than `grace` is dead.
+    """
+    import datetime
+
+    import optuna
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)  # optuna's datetime_start clock
+    old = {t._trial_id: t for t in running if t.datetime_start and t.datetime_start < cutoff}
+    if not old:
+        return []
+    with storage.engine.connect() as db:  # optuna's schema: trial_heartbeats(trial_id, heartbeat)
+        ids = ", ".join(str(int(i)) for i in old)
+        beating = {r[0] for r in db.execute(sqlalchemy.text(
+            f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"))}
+    failed = []
+    for trial_id, t in old.items():
+        if trial_id in beating:
+            continue
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(t.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        retry = storage.get_heartbeat_stale_trial_callback()
+        if retry is not None:
+            retry(study, storage.get_trial(trial_id))
+    return failed
+
+
 def finished(study) -> int:
     from optuna.trial import TrialState
 
@@ -415,6 +453,7 @@ def run(args) -> int:
 
     def fail_stale(study, t) -> None:
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial must not count as running below
+        fail_trials_without_heartbeat(study, storage, grace=2 * args.heartbeat)
 
     import torch
 

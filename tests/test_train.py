@@ -16,7 +16,7 @@ from shared.io import UnsafeCheckpoint, load_checkpoint, load_weights
 from shared.nets import MODELS, build_model, count_parameters
 from shared.representations import input_shape
 
-QUICK_1D = ["--set", "max_train_batches=6", "--set", "epochs=3", "--set", "eval_stride_seconds=2.5"]
+QUICK_1D = ["--set", "max_train_batches=6", "--set", "epochs=3", "--set", "eval_stride_seconds=7.5"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -95,7 +95,7 @@ def test_too_few_records_for_one_batch_is_one_line_error(sample_cache, tmp_path)
 
 def test_resume_after_kill_equals_uninterrupted(sample_cache, tmp_path):
     args = ["--model", "resnet1d_wang", "--profile", "quick", "--data", str(sample_cache), "--no-progress",
-            "--set", "max_train_batches=5", "--set", "epochs=2", "--set", "eval_stride_seconds=2.5"]
+            "--set", "max_train_batches=5", "--set", "epochs=2", "--set", "eval_stride_seconds=7.5"]
     full = tmp_path / "full"
     run_module("models.train", *args, "--out", full, check=True)
 
@@ -138,7 +138,7 @@ def test_ddp_two_cpu_processes_agree(sample_cache, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "models.train", "--model", "resnet1d_wang", "--profile", "quick", "--data",
                         str(sample_cache), "--out", str(out), "--no-progress", "--set", "max_train_batches=3",
-                        "--set", "epochs=2", "--set", "eval_stride_seconds=2.5"],
+                        "--set", "epochs=2", "--set", "eval_stride_seconds=7.5"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     digests = [json.loads((out / f"ddp_digest.rank{i}.json").read_text())["sha256"] for i in (0, 1)]
