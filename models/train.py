@@ -34,7 +34,7 @@ from shared.cache import CacheError, open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
 from shared.io import (library_versions, load_checkpoint, save_checkpoint, save_weights,  # noqa: E402
                        write_json_atomic)
-from shared.nets import MODELS, build_model, count_parameters  # noqa: E402
+from shared.nets import MODELS, architecture_kwargs, build_model, count_parameters  # noqa: E402
 from shared.paths import data_cache_dir, runs_dir  # noqa: E402
 from shared.training import InputAdapter, predict_batches, scores, train_step  # noqa: E402
 
@@ -117,10 +117,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
 
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], cfg["representation"], adapter.crop, num_classes=len(cache.classes),
-                        arch=cfg.get("arch"), pretrained=cfg.get("pretrained", False),
-                        patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
-                        stem_patch=cfg.get("stem_patch"), drop_path_rate=cfg.get("drop_path_rate", 0.0),
-                        drop_rate=cfg.get("drop_rate", 0.0)).to(device)
+                        pretrained=cfg.get("pretrained", False), drop_path_rate=cfg.get("drop_path_rate", 0.0),
+                        drop_rate=cfg.get("drop_rate", 0.0), **architecture_kwargs(cfg)).to(device)
     params = count_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
@@ -261,7 +259,7 @@ def parse_args(argv=None):
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=config_mod.PROFILES,
                     help="budget: quick (seconds, tests), cpu (the sample on 2 cores), full (PTB-XL on a GPU)")
     ap.add_argument("--representation", default=os.environ.get("REPR") or None,
-                    help="seed | rows | leads | signal (default: the model config's)")
+                    help="seed | rows | leads | strip | signal (default: the model config's)")
     ap.add_argument("--config", default=os.environ.get("CONFIG", "default"),
                     help="default | tuned (artifacts/tune/<model>/best_config.toml) | path to a TOML")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

@@ -19,15 +19,13 @@ import torch
 import torch.nn as nn
 
 from shared.io import first_line, load_weights, read_json, save_weights
-from shared.nets import build_model
+from shared.nets import architecture_kwargs, build_model
 from shared.paths import runs_dir
 
 
 def build_from_config(cfg: dict, sampling_rate: int = 100) -> nn.Module:
     n_samples = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
-    return build_model(cfg["model"], cfg["representation"], n_samples, arch=cfg.get("arch"),
-                       patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
-                       stem_patch=cfg.get("stem_patch"))
+    return build_model(cfg["model"], cfg["representation"], n_samples, **architecture_kwargs(cfg))
 
 
 def find_run(model: str, profile: str, representation: str | None = None) -> Path:

@@ -5,6 +5,7 @@ the ECG input (in_chans, img_size, patch shape, num_classes). The 1-D references
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from shared.nets1d import NETS1D
@@ -28,10 +29,11 @@ class PretrainedUnavailable(RuntimeError):
 def build_model(name: str, representation: str, n_samples: int, num_classes: int = 5, n_leads: int = 12,
                 arch: str | None = None, pretrained: bool = False, patch_samples: int = 10, row_repeat: int = 8,
                 drop_path_rate: float = 0.0, drop_rate: float = 0.0, stem_patch: tuple[int, int] | None = None,
-                **_ignored) -> nn.Module:
+                timm_kwargs: dict | None = None, **_ignored) -> nn.Module:
     """Build model `name` for inputs of `representation` over `n_samples` time samples. `stem_patch` (convnext
     only) replaces its 4×4 patchify stem by a rows × samples one, e.g. (8, 2) on `rows` = one lead × 20 ms per
-    token instead of half a lead × 40 ms, at the same number of tokens."""
+    token instead of half a lead × 40 ms, at the same number of tokens. `timm_kwargs` go to timm.create_model as
+    they are (e.g. {ls_init_value = 1.0} for convnext)."""
     if name in NETS1D:
         if representation != "signal":
             raise ValueError(f"{name} is a 1-D model: use representation 'signal', not {representation!r}")
@@ -41,11 +43,15 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
     if representation == "signal":
         raise ValueError(f"{name} is a 2-D model: representation 'signal' is for 1-D models")
     if name not in TRANSFORMERS and representation == "leads":
-        raise ValueError(f"{name} downsamples 32x and cannot take the 12-row 'leads' plane; use 'rows' or 'seed'")
+        raise ValueError(f"{name} downsamples 32x and cannot take the 12-row 'leads' plane; "
+                         "use 'strip', 'rows' or 'seed'")
+    if name in TRANSFORMERS and representation == "strip":
+        raise ValueError(f"{name} is a transformer: 'strip' is for CNNs; use 'leads' (patches span all 12 leads)")
     import timm
 
     chans, *spatial = input_shape(representation, n_leads, n_samples, row_repeat)
-    kwargs = dict(num_classes=num_classes, in_chans=chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    kwargs = dict(num_classes=num_classes, in_chans=chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                  **(timm_kwargs or {}))
     if name in TRANSFORMERS:
         kwargs["img_size"] = tuple(spatial)
         if representation == "leads":  # every token spans all 12 leads × patch_samples samples
@@ -68,7 +74,40 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
         stem = model.stem[0]  # timm builds the patch stem from an int only (its stride bookkeeping needs one)
         model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=tuple(stem_patch),
                                   stride=tuple(stem_patch), bias=stem.bias is not None)
+    if representation == "strip":
+        time_only_kernels(model)
     return model
+
+
+def time_only_kernels(model: nn.Module) -> nn.Module:
+    """Cut every kh×kw convolution to its middle row (1×kw, stride and padding along time only), in place.
+
+    On a 1-row input a 'same'-padded kh×kw kernel only ever touches its middle row, so depthwise and other
+    padded convolutions compute exactly what they did; patchify stems and stride-2 downsamplers, which
+    would need kh rows, now step along time alone. Weights keep their initialized middle row."""
+    for parent in list(model.modules()):
+        for child_name, conv in list(parent.named_children()):
+            if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] == 1 and conv.stride[0] == 1:
+                continue
+            if isinstance(conv.padding, str):
+                raise ValueError(f"cannot cut {type(conv).__name__} with padding={conv.padding!r} to one row")
+            row = conv.kernel_size[0] // 2
+            # type(conv): timm's Conv2dSame (TF 'same' padding, computed per input) stays what it was
+            cut = type(conv)(conv.in_channels, conv.out_channels, (1, conv.kernel_size[1]),
+                             stride=(1, conv.stride[1]), padding=(0, conv.padding[1]),
+                             dilation=(1, conv.dilation[1]), groups=conv.groups, bias=conv.bias is not None)
+            with torch.no_grad():
+                cut.weight.copy_(conv.weight[:, :, row:row + 1, :])
+                if conv.bias is not None:
+                    cut.bias.copy_(conv.bias)
+            setattr(parent, child_name, cut)
+    return model
+
+
+def architecture_kwargs(cfg: dict) -> dict:
+    """The build_model arguments of a resolved config that shape the network (and so its state dict)."""
+    return dict(arch=cfg.get("arch"), patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
+                stem_patch=cfg.get("stem_patch"), timm_kwargs=cfg.get("timm_kwargs"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -9,6 +9,9 @@ Each representation is a named, documented option (config key `representation`):
              (default 8 → 96×T), 1 channel. Gives 2-D CNNs a lead axis big enough to downsample.
 - `leads`    the raw 1×12×T plane, 1 channel; with a transformer patch of 12×P every token spans all
              12 leads over P samples (no resizing at all).
+- `strip`    the 12 leads as the 12 channels of a 1×T image; a 2-D CNN runs on it with every kernel cut
+             to its middle row (nets.build_model), so it convolves along time and mixes leads in its
+             channels — as a 1-D network does, built from the family's own blocks.
 - `signal`   the B×12×T signal itself, for 1-D models.
 """
 from __future__ import annotations
@@ -33,11 +36,15 @@ def leads(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1)
 
 
+def strip(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(2)
+
+
 def signal(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-REPRESENTATIONS = {"seed": seed, "rows": rows, "leads": leads, "signal": signal}
+REPRESENTATIONS = {"seed": seed, "rows": rows, "leads": leads, "strip": strip, "signal": signal}
 
 
 def input_shape(name: str, n_leads: int, n_samples: int, row_repeat: int = 8) -> tuple[int, ...]:
@@ -48,6 +55,8 @@ def input_shape(name: str, n_leads: int, n_samples: int, row_repeat: int = 8) ->
         return (1, n_leads * row_repeat, n_samples)
     if name == "leads":
         return (1, n_leads, n_samples)
+    if name == "strip":
+        return (n_leads, 1, n_samples)
     if name == "signal":
         return (n_leads, n_samples)
     raise KeyError(f"unknown representation {name!r}; choose from {sorted(REPRESENTATIONS)}")

@@ -157,5 +157,5 @@ def test_missing_run_is_one_line_naming_the_folder(module, tmp_path):
     r = run_module(module, "--model", "convnext", "--profile", "cpu", env={"ARTIFACTS": str(tmp_path)})
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(tmp_path / "runs" / "convnext-rows-cpu") in lines[0]
+    assert len(lines) == 1 and str(tmp_path / "runs" / "convnext-strip-cpu") in lines[0]
     assert "make train-convnext PROFILE=cpu" in lines[0]

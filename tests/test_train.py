@@ -23,7 +23,7 @@ QUICK_1D = ["--set", "max_train_batches=6", "--set", "epochs=3", "--set", "eval_
 def test_every_registry_model_forward_backward(name):
     from shared.nets import TIMM_FAMILIES, TRANSFORMERS
 
-    reps = ["seed", "rows", "leads"] if name in TRANSFORMERS else ["seed", "rows"] if name in TIMM_FAMILIES \
+    reps = ["seed", "rows", "leads"] if name in TRANSFORMERS else ["seed", "rows", "strip"] if name in TIMM_FAMILIES \
         else ["signal"]
     for rep in reps:
         n = 1000 if rep == "seed" else 250
@@ -47,13 +47,34 @@ def test_convnext_stem_patch_gives_one_lead_per_token_row():
         build_model("effnetv2", "rows", 250, stem_patch=(8, 2))
 
 
+def test_strip_cuts_every_kernel_to_time_and_keeps_same_padded_convs_exact():
+    from shared.nets import time_only_kernels
+
+    for name in ("convnext", "effnetv2"):
+        model = build_model(name, "strip", 250)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(m.kernel_size[0] == 1 and m.stride[0] == 1 for m in convs)
+        assert model(torch.randn(2, *input_shape("strip", 12, 250))).shape == (2, 5)
+    # on a 1-row input a padded k×k kernel only touches its middle row: the cut network computes the same
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 7, padding=3, groups=4), torch.nn.GELU(),
+                              torch.nn.Conv2d(4, 6, 3, padding=1))
+    x = torch.randn(3, 4, 1, 50)
+    with torch.no_grad():
+        before = net(x)
+        torch.testing.assert_close(time_only_kernels(net)(x), before)
+    assert [m.kernel_size for m in net if isinstance(m, torch.nn.Conv2d)] == [(1, 7), (1, 3)]
+
+
 def test_wrong_representation_is_refused():
     with pytest.raises(ValueError, match="1-D model"):
         build_model("resnet1d_wang", "seed", 1000)
     with pytest.raises(ValueError, match="2-D model"):
         build_model("vit", "signal", 250)
-    with pytest.raises(ValueError, match="'rows' or 'seed'"):
+    with pytest.raises(ValueError, match="'strip', 'rows' or 'seed'"):
         build_model("convnext", "leads", 250)
+    with pytest.raises(ValueError, match="'strip' is for CNNs"):
+        build_model("deit", "strip", 250)
     with pytest.raises(KeyError, match="unknown model"):
         build_model("alexnet", "seed", 1000)
 
