@@ -2,7 +2,9 @@
 
 Model selection uses validation (fold 9) macro AUC only, with early stopping; the test fold is
 read once, after training, for metrics.json. Runs under `torchrun --nproc_per_node=N` (DDP: gloo on
-CPU, nccl on CUDA). `--resume` continues a killed run from its last epoch and reaches the same result.
+CPU, nccl on CUDA). Running the same command again continues a killed run from its last epoch and
+reaches the same result (under torchrun: `--resume`); a finished run is kept, or refused if its config
+changed (`--force` retrains).
 
 Writes artifacts/runs/<model>-<representation>-<profile>[-tuned]/:
   config.json (resolved config + versions), last.pt (resume state), best.safetensors (+ best.json),
@@ -266,8 +268,9 @@ def parse_args(argv=None):
     ap.add_argument("--data", type=Path, default=None, help="cache folder (default artifacts/data/ptbxl-<fs>hz)")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default artifacts/runs/<run name>)")
     ap.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
-                    help="continue from last.pt (env RESUME=1)")
-    ap.add_argument("--force", action="store_true", help="retrain even if metrics.json exists")
+                    help="continue from last.pt (env RESUME=1); automatic outside torchrun when the config matches")
+    ap.add_argument("--force", action="store_true",
+                    help="start over: retrain even if metrics.json or last.pt exists")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -281,6 +284,17 @@ def training_normalization(data_dir: Path) -> dict:
         return {"normalization": read_json(Path(data_dir) / "manifest.json")["normalization"]}
     except (OSError, ValueError, KeyError):
         return {}  # no cache yet: train() reports that with a clear error
+
+
+def changed_keys(saved_config: Path, cfg: dict) -> list[str]:
+    """Keys of `cfg` whose value differs from the config.json a run folder was trained with ([] if none)."""
+    if not saved_config.exists():
+        return []
+    try:
+        saved = json.loads(saved_config.read_text())
+    except (OSError, ValueError):
+        return ["config.json (unreadable)"]
+    return sorted(k for k, v in cfg.items() if saved.get(k) != v)
 
 
 def main(argv=None) -> int:
@@ -300,9 +314,19 @@ def main(argv=None) -> int:
     data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
     out = args.out or runs_dir() / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "metrics.json").exists() and not args.force and not args.resume:
-        print(f"{out}: already trained (metrics.json exists; --force to retrain)")
-        return 0
+    changed = changed_keys(out / "config.json", {**cfg, "data": str(data_dir)})
+    if not args.force and not args.resume:
+        if (out / "metrics.json").exists():
+            if changed:
+                print(f"error: {out}: trained with a different config ({', '.join(changed)} changed); "
+                      "--force to retrain it, or --out another folder", file=sys.stderr)
+                return 2
+            print(f"{out}: already trained (metrics.json exists; --force to retrain)")
+            return 0
+        # a killed run continues by itself; under torchrun each rank would decide alone, so there: --resume
+        if (out / "last.pt").exists() and not changed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            print(f"{out}: continuing the interrupted run from last.pt (--force to start over)")
+            args.resume = True
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "versions": library_versions(),
                                                 **training_normalization(data_dir)})
