@@ -228,3 +228,25 @@ def test_evaluation_in_cpu_sized_chunks_gives_the_one_pass_answer(monkeypatch):
         x = data.tensors[0]
         manual = torch.stack([torch.sigmoid(model(v)) for v in (x, -x, 2 * x)]).mean(0)
     assert torch.allclose(torch.from_numpy(chunked), manual, atol=1e-6)
+
+
+def test_bakeoff_mean_is_over_each_family_default_layout(tmp_path):
+    from models import summarize
+
+    def run(model, rep, val, test):
+        d = tmp_path / f"{model}-{rep}-cpu"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "model": model, "representation": rep, "profile": "cpu", "config": "default", "val": {"macro_auc": val},
+            "test": {"macro_auc": test}, "params": 1, "train_seconds": 1, "epochs_run": 1, "best_epoch": 1}))
+
+    run("convnext", "seed", 0.70, 0.60)
+    run("convnext", "rows", 0.80, 0.70)   # a non-default layout: listed, not in the mean
+    run("convnext", "strip", 0.90, 0.80)  # convnext's default
+    run("vit", "seed", 0.70, 0.70)
+    run("vit", "leads", 0.80, 0.80)
+    bake = summarize.bakeoff(summarize.collect(tmp_path, "cpu"))
+    assert sorted((b["model"], b["representation"], b["default"]) for b in bake) == [
+        ("convnext", "rows", False), ("convnext", "strip", True), ("vit", "leads", True)]
+    md = summarize.markdown(summarize.collect(tmp_path, "cpu"), bake, "cpu")
+    assert "rows (not default)" in md and "mean over the 2 default layouts** | | | | | | **+0.1500** | **+0.1500**" in md
