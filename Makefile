@@ -144,8 +144,8 @@ demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → re
 	$(PYTHON) -m eval.report --out $(DEMO_ARTIFACTS)/report; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: open $(DEMO_ARTIFACTS)/report/report.html"
 
-test: $(VENV_STAMP)  ## run the test suite
-	$(PYTHON) -m pytest -q
+test: $(VENV_STAMP)  ## run the test suite, JOBS test files at a time (pytest-xdist; most tests use one core)
+	$(PYTHON) -m pytest -q -n $(JOBS) --dist loadfile
 
 clean-artifacts:  ## delete everything under ARTIFACTS
 	rm -rf $(ARTIFACTS)
