@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 from shared import config as config_mod  # noqa: E402
 from shared.cache import CacheError, open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import (library_versions, load_checkpoint, save_checkpoint, save_weights,  # noqa: E402
+from shared.io import (library_versions, load_checkpoint, read_json, save_checkpoint, save_weights,  # noqa: E402
                        write_json_atomic)
 from shared.nets import MODELS, architecture_kwargs, build_model, count_parameters  # noqa: E402
 from shared.paths import data_cache_dir, runs_dir  # noqa: E402
@@ -291,7 +291,7 @@ def changed_keys(saved_config: Path, cfg: dict) -> list[str]:
     if not saved_config.exists():
         return []
     try:
-        saved = json.loads(saved_config.read_text())
+        saved = read_json(saved_config)
     except (OSError, ValueError):
         return ["config.json (unreadable)"]
     return sorted(k for k, v in cfg.items() if saved.get(k) != v)

@@ -242,7 +242,7 @@ def trial_record(t) -> dict:
             "run": t.user_attrs.get("run"), "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)}
 
 
-def fail_trials_without_heartbeat(study, storage, grace: float) -> list[int]:
+def fail_trials_without_heartbeat(study, storage, grace: float) -> None:
     """Fail (and re-queue, like a stale trial) each RUNNING trial that never recorded a heartbeat.
 
     Optuna only fails RUNNING trials whose heartbeat went stale; a worker killed between creating a trial
@@ -258,26 +258,22 @@ def fail_trials_without_heartbeat(study, storage, grace: float) -> list[int]:
 
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)  # optuna's datetime_start clock
-    old = {t._trial_id: t for t in running if t.datetime_start and t.datetime_start < cutoff}
+    old = {t._trial_id for t in running if t.datetime_start and t.datetime_start < cutoff}
     if not old:
-        return []
+        return
     with storage.engine.connect() as db:  # optuna's schema: trial_heartbeats(trial_id, heartbeat)
         ids = ", ".join(str(int(i)) for i in old)
         beating = {r[0] for r in db.execute(sqlalchemy.text(
             f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"))}
-    failed = []
-    for trial_id, t in old.items():
-        if trial_id in beating:
-            continue
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in sorted(old - beating):
         try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(t.number)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
-        retry = storage.get_heartbeat_stale_trial_callback()
         if retry is not None:
             retry(study, storage.get_trial(trial_id))
-    return failed
 
 
 def finished(study) -> int:
