@@ -18,7 +18,9 @@ ALL_MODELS := $(MODELS_2D) $(MODELS_1D)
 REPR       ?=
 CONFIG     ?= default
 SET        ?=
-TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(foreach s,$(SET),--set $(s))
+SEED       ?=
+SEEDS      ?= 1 2
+TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(if $(SEED),--set seed=$(SEED)) $(foreach s,$(SET),--set $(s))
 
 # make demo: the whole pipeline in minutes on the PTB-XL sample beside the repo (or, without it, a synthetic
 # PTB-XL), in its own artifacts folder. Longer than the quick profile so the numbers mean something.
@@ -43,7 +45,7 @@ TIMEOUT    ?= 3600
 OPTUNA_STORAGE ?=
 export OPTUNA_STORAGE
 
-.PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff summary prune-all quantize-all compress-all export
+.PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff seeds-all summary prune-all quantize-all compress-all export
 
 all: $(VENV_STAMP)  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE, JOBS)
 	@start=$$(date +%s); set -e; \
@@ -70,7 +72,7 @@ synth: $(VENV_STAMP)  ## write a synthetic PTB-XL folder (RECORDS=200, OUT=artif
 bench-data: $(VENV_STAMP)  ## benchmark make data vs a wfdb.rdsamp loop, and a full-size synthetic build
 	$(PYTHON) -m data_prep.benchmark
 
-train-%: $(DATA_DEP)  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, RESUME=1)
+train-%: $(DATA_DEP)  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, SEED, RESUME=1)
 	$(PYTHON) -m models.train --model $* $(TRAIN_ARGS)
 
 train-all: $(DATA_DEP)  ## train every model with its default representation, JOBS at a time
@@ -79,6 +81,16 @@ train-all: $(DATA_DEP)  ## train every model with its default representation, JO
 
 bakeoff: train-all  ## also train the four 2-D families with the seed recipe, then compare
 	$(foreach m,$(MODELS_2D),$(PYTHON) -m models.train --model $(m) --profile $(PROFILE) --representation seed &&) true
+	$(PYTHON) -m models.summarize --profile $(PROFILE)
+
+# extra seeds: each `model seed` pair is one job; xargs runs JOBS of them at once (each on JOB_THREADS threads)
+SEED_JOBS = $(JOB_ENV) xargs -P $(JOBS) -L 1 sh -c '$(PYTHON) -m models.train --model "$$0" --set seed="$$1" $(TRAIN_ARGS) --no-progress'
+seeds-%: $(DATA_DEP)  ## train SEEDS="1 2" more seeds of one model (beside seed 0), JOBS at a time, then the summary (mean ± sd)
+	printf '$* %s\n' $(SEEDS) | $(SEED_JOBS)
+	$(PYTHON) -m models.summarize --profile $(PROFILE)
+
+seeds-all: $(DATA_DEP)  ## SEEDS more seeds of every model, JOBS at a time, then the summary
+	for m in $(TRAIN_ORDER); do printf "$$m %s\n" $(SEEDS); done | $(SEED_JOBS)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs/summary-<profile>.md)

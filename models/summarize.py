@@ -1,14 +1,20 @@
-"""Table of every training run (artifacts/runs/*/metrics.json): the representation bake-off.
+"""Table of every training run (artifacts/runs/*/metrics.json): the representation bake-off, the spread
+over seeds, and each run against a reference model on the same test records.
 
-Prints Markdown and writes artifacts/runs/summary.md + summary.json. Selection uses validation AUC;
-test AUC is shown for the record.
+Prints Markdown and writes artifacts/runs/summary-<profile>.md + .json. Selection uses validation AUC;
+test AUC is shown for the record. With 200-odd test records one run's test AUC moves by a few hundredths
+with the seed alone: `make seeds-<model>` adds seeds (mean ± sd here), and the paired bootstrap against the
+reference (resnet1d_wang by default, same seed) says whether a difference is more than the test fold's luck.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -18,6 +24,16 @@ from shared.io import write_json_atomic, write_text_atomic  # noqa: E402
 from shared.paths import runs_dir  # noqa: E402
 
 
+def run_seed(metrics: dict, run_dir: Path) -> int:
+    """metrics.json has the seed since session 9; older runs have it in config.json only."""
+    if "seed" in metrics:
+        return int(metrics["seed"])
+    try:
+        return int(json.loads((run_dir / "config.json").read_text()).get("seed", 0))
+    except (OSError, ValueError):
+        return 0
+
+
 def collect(root: Path, profile: str) -> list[dict]:
     rows = []
     for path in sorted(root.glob("*/metrics.json")):
@@ -25,7 +41,8 @@ def collect(root: Path, profile: str) -> list[dict]:
         if m.get("profile") != profile:
             continue
         rows.append({"run": path.parent.name, "model": m["model"], "representation": m["representation"],
-                     "profile": profile, "config": m.get("config", "default"), "val_auc": m["val"]["macro_auc"],
+                     "profile": profile, "config": m.get("config", "default"), "seed": run_seed(m, path.parent),
+                     "val_auc": m["val"]["macro_auc"],
                      "test_auc": m["test"]["macro_auc"], "params": m["params"], "train_seconds": m["train_seconds"],
                      "epochs": m["epochs_run"], "best_epoch": m["best_epoch"], "data_share": m.get("data_time_share"),
                      "samples_per_s": m.get("train_samples_per_s")})
@@ -33,12 +50,12 @@ def collect(root: Path, profile: str) -> list[dict]:
 
 
 def bakeoff(rows: list[dict]) -> list[dict]:
-    """seed vs each other layout, per 2-D family (default configs only); `default` marks the layout the model's
-    config trains by default, the one the mean is taken over (one row per family)."""
+    """seed vs each other layout, per 2-D family (default configs, seed 0 — what train-all trains); `default`
+    marks the layout the model's config trains by default, the one the mean is taken over (one row per family)."""
     from shared import config as config_mod
 
     out = []
-    by = {(r["model"], r["representation"]): r for r in rows if r["config"] == "default"}
+    by = {(r["model"], r["representation"]): r for r in rows if r["config"] == "default" and r["seed"] == 0}
     for model in sorted({r["model"] for r in rows}):
         seed = by.get((model, "seed"))
         other = [r for (m, rep), r in by.items() if m == model and rep not in ("seed",)]
@@ -52,7 +69,55 @@ def bakeoff(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], bake: list[dict], profile: str) -> str:
+def seed_spread(rows: list[dict]) -> list[dict]:
+    """mean ± sd of val and test AUC over the seeds of each (model, layout, config) that has two or more."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["representation"], r["config"]), []).append(r)
+    out = []
+    for (model, rep, config), rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        val, test = [r["val_auc"] for r in rs], [r["test_auc"] for r in rs]
+        out.append({"model": model, "representation": rep, "config": config, "seeds": sorted(r["seed"] for r in rs),
+                    "val_mean": statistics.mean(val), "val_sd": statistics.stdev(val),
+                    "test_mean": statistics.mean(test), "test_sd": statistics.stdev(test),
+                    "test_min": min(test), "test_max": max(test)})
+    return out
+
+
+def load_test_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(run_dir / "predictions.npz") as z:
+            return z["test_labels"], z["test_probs"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def against_reference(rows: list[dict], root: Path, reference: str, n_resamples: int = 1000) -> list[dict]:
+    """Each run's test macro AUC minus the reference model's (its default layout and config, the same seed),
+    on the same records, with a paired bootstrap interval (shared.metrics.paired_auc_difference)."""
+    from shared import config as config_mod
+    from shared.metrics import paired_auc_difference
+
+    refs = [r for r in rows if r["model"] == reference and r["config"] == "default"
+            and r["representation"] == config_mod.resolve(reference, r["profile"])["representation"]]
+    ref_by_seed = {r["seed"]: r for r in refs}
+    out = []
+    for r in sorted(rows, key=lambda r: (r["model"], r["representation"], r["config"], r["seed"])):
+        ref = ref_by_seed.get(r["seed"])
+        if ref is None or r["model"] == reference:
+            continue
+        a, b = load_test_predictions(root / r["run"]), load_test_predictions(root / ref["run"])
+        if a is None or b is None or not np.array_equal(a[0], b[0]):
+            continue  # no predictions.npz (older runs), or not the same test records
+        d = paired_auc_difference(a[0], a[1], b[1], n_resamples)
+        out.append({"run": r["run"], "reference": ref["run"], "seed": r["seed"], **d})
+    return out
+
+
+def markdown(rows: list[dict], bake: list[dict], profile: str, spread: list[dict] = (),
+             paired: list[dict] = (), reference: str = "") -> str:
     lines = [f"### Training runs (profile `{profile}`)", "",
              "| run | params | epochs (best) | train s | samples/s | data share | val macro AUC | test macro AUC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -74,6 +139,21 @@ def markdown(rows: list[dict], bake: list[dict], profile: str) -> str:
             mean_dt = sum(b["delta_test"] for b in defaults) / len(defaults)
             lines.append(f"| **mean over the {len(defaults)} default layouts** | | | | | | **{mean_dv:+.4f}** | "
                          f"**{mean_dt:+.4f}** |")
+    if spread:
+        lines += ["", "### Spread over seeds (sample sd)", "",
+                  "| model | layout | config | seeds | val macro AUC | test macro AUC | test min–max |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for g in spread:
+            lines.append(f"| {g['model']} | {g['representation']} | {g['config']} | {', '.join(map(str, g['seeds']))} | "
+                         f"{g['val_mean']:.4f} ± {g['val_sd']:.4f} | {g['test_mean']:.4f} ± {g['test_sd']:.4f} | "
+                         f"{g['test_min']:.4f}–{g['test_max']:.4f} |")
+    if paired:
+        lines += ["", f"### Test macro AUC minus {reference}'s on the same records (paired bootstrap, 95 %)", "",
+                  "| run | reference run | run AUC | reference AUC | Δ | 95 % interval | share of resamples run > ref |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        for p in paired:
+            lines.append(f"| {p['run']} | {p['reference']} | {p['a']:.4f} | {p['b']:.4f} | {p['delta']:+.4f} | "
+                         f"[{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_a_better']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,16 +162,21 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--runs", type=Path, default=None, help="runs folder (default artifacts/runs)")
+    ap.add_argument("--reference", default="resnet1d_wang",
+                    help="model every run is compared with on the test records ('none': no comparison)")
+    ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     args = ap.parse_args(argv)
     root = args.runs or runs_dir()
     rows = collect(root, args.profile)
     if not rows:
         print(f"error: no runs with profile {args.profile!r} under {root}", file=sys.stderr)
         return 2
-    bake = bakeoff(rows)
-    md = markdown(rows, bake, args.profile)
+    bake, spread = bakeoff(rows), seed_spread(rows)
+    paired = [] if args.reference == "none" else against_reference(rows, root, args.reference, args.resamples)
+    md = markdown(rows, bake, args.profile, spread, paired, args.reference)
     write_text_atomic(root / f"summary-{args.profile}.md", md)
-    write_json_atomic(root / f"summary-{args.profile}.json", {"runs": rows, "bakeoff": bake})
+    write_json_atomic(root / f"summary-{args.profile}.json",
+                      {"runs": rows, "bakeoff": bake, "seeds": spread, "reference": args.reference, "paired": paired})
     print(md)
     return 0
 

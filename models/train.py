@@ -6,7 +6,7 @@ CPU, nccl on CUDA). Running the same command again continues a killed run from i
 reaches the same result (under torchrun: `--resume`); a finished run is kept, or refused if its config
 changed (`--force` retrains).
 
-Writes artifacts/runs/<model>-<representation>-<profile>[-tuned]/:
+Writes artifacts/runs/<model>-<representation>-<profile>[-tuned][-seed<N>]/:
   config.json (resolved config + versions), last.pt (resume state), best.safetensors (+ best.json),
   log.jsonl (one line per epoch), metrics.json (val/test macro + per-class AUC, size, time).
 """
@@ -42,8 +42,11 @@ from shared.training import InputAdapter, predict_batches, scores, train_step  #
 
 
 def run_name(cfg: dict) -> str:
+    """<model>-<representation>-<profile>[-<config>][-seed<N>]: seed 0, every config's default, adds nothing, so
+    extra seeds of a run (`--set seed=1`) sit beside it instead of replacing it."""
     suffix = "" if cfg["config"] == "default" else f"-{Path(cfg['config']).stem}"
-    return f"{cfg['model']}-{cfg['representation']}-{cfg['profile']}{suffix}"
+    seed = f"-seed{cfg['seed']}" if cfg.get("seed", 0) != 0 else ""
+    return f"{cfg['model']}-{cfg['representation']}-{cfg['profile']}{suffix}{seed}"
 
 
 def config_hash(cfg: dict) -> str:
@@ -238,7 +241,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         np.savez_compressed(out / "predictions.npz", **arrays)
         result = {
             "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
-            "config": cfg["config"], "run": out.name,
+            "config": cfg["config"], "seed": cfg["seed"], "run": out.name,
             "val": scores(val_labels, val_probs, cache.classes), **test,
             "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1,
             "epochs_run": state["epoch"], "params": params,

@@ -51,6 +51,22 @@ def test_fast_bootstrap_metrics_equal_scikit_learn():
         np.testing.assert_allclose(fast[k], v, atol=1e-12, err_msg=k)
 
 
+def test_paired_auc_difference_is_exact_and_its_interval_is_narrower_than_unpaired():
+    rng = np.random.default_rng(7)
+    y = (rng.random((150, 5)) < 0.3).astype(int)
+    noise = rng.random((150, 5))
+    strong, weak = y * 0.3 + noise * 0.7, y * 0.2 + noise * 0.8  # same records, same noise: a shared "luck"
+    d = M.paired_auc_difference(y, strong, weak, n_resamples=300)
+    assert d["delta"] == pytest.approx(M.macro_auc(y, strong) - M.macro_auc(y, weak), abs=1e-12)
+    assert 0 < d["low"] < d["delta"] < d["high"] and d["p_a_better"] == 1.0
+    # unpaired: the two separate intervals overlap far more than the paired one is wide
+    lo_s, hi_s = M.bootstrap_ci(y, strong, np.full(5, 0.5), 300)["macro_auc"]
+    lo_w, hi_w = M.bootstrap_ci(y, weak, np.full(5, 0.5), 300)["macro_auc"]
+    assert (d["high"] - d["low"]) < ((hi_s - lo_s) + (hi_w - lo_w)) / 2
+    same = M.paired_auc_difference(y, weak, weak, n_resamples=50)
+    assert same["delta"] == same["low"] == same["high"] == 0 and same["p_a_better"] == 0
+
+
 def test_macro_auc_skips_single_valued_class():
     y = np.array([[1, 0], [0, 0], [1, 0]])
     s = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3]])

@@ -250,3 +250,47 @@ def test_bakeoff_mean_is_over_each_family_default_layout(tmp_path):
         ("convnext", "rows", False), ("convnext", "strip", True), ("vit", "leads", True)]
     md = summarize.markdown(summarize.collect(tmp_path, "cpu"), bake, "cpu")
     assert "rows (not default)" in md and "mean over the 2 default layouts** | | | | | | **+0.1500** | **+0.1500**" in md
+
+
+def test_summary_spreads_seeds_and_compares_runs_with_the_reference_on_the_same_records(tmp_path):
+    import numpy as np
+
+    from models import summarize
+    from models.train import run_name
+
+    assert run_name({"model": "vit", "representation": "leads", "profile": "cpu", "config": "default", "seed": 2}) \
+        == "vit-leads-cpu-seed2"
+    assert run_name({"model": "vit", "representation": "leads", "profile": "cpu", "config": "default", "seed": 0}) \
+        == "vit-leads-cpu"
+    rng = np.random.default_rng(0)
+    labels = (rng.random((120, 5)) < 0.3).astype(np.float32)
+    noise = rng.random((120, 5)).astype(np.float32)
+
+    def run(model, rep, seed, signal, test_labels=labels):
+        name = f"{model}-{rep}-cpu" + (f"-seed{seed}" if seed else "")
+        d = tmp_path / name
+        d.mkdir()
+        probs = signal * test_labels + (1 - signal) * noise
+        np.savez(d / "predictions.npz", test_labels=test_labels, test_probs=probs)
+        from shared.metrics import macro_auc
+        (d / "metrics.json").write_text(json.dumps({
+            "model": model, "representation": rep, "profile": "cpu", "config": "default", "seed": seed,
+            "val": {"macro_auc": 0.9}, "test": {"macro_auc": macro_auc(test_labels, probs)}, "params": 1,
+            "train_seconds": 1, "epochs_run": 1, "best_epoch": 1}))
+
+    for seed in (0, 1):
+        run("resnet1d_wang", "signal", seed, 0.4)
+        run("vit", "leads", seed, 0.2 + 0.1 * seed)
+    run("convnext", "strip", 0, 0.5, test_labels=labels[::-1].copy())  # other records: not comparable
+    rows = summarize.collect(tmp_path, "cpu")
+    spread = summarize.seed_spread(rows)
+    assert [(g["model"], g["seeds"]) for g in spread] == [("resnet1d_wang", [0, 1]), ("vit", [0, 1])]
+    vit = spread[1]
+    tests = sorted(r["test_auc"] for r in rows if r["model"] == "vit")
+    assert vit["test_mean"] == pytest.approx(sum(tests) / 2) and vit["test_sd"] == pytest.approx(abs(tests[1] - tests[0]) / 2 ** 0.5)
+    paired = summarize.against_reference(rows, tmp_path, "resnet1d_wang", n_resamples=50)
+    assert [(p["run"], p["reference"]) for p in paired] == [("vit-leads-cpu", "resnet1d_wang-signal-cpu"),
+                                                            ("vit-leads-cpu-seed1", "resnet1d_wang-signal-cpu-seed1")]
+    assert all(p["delta"] < 0 and p["high"] < 0 for p in paired)  # weaker signal than the reference on every seed
+    md = summarize.markdown(rows, summarize.bakeoff(rows), "cpu", spread, paired, "resnet1d_wang")
+    assert "### Spread over seeds" in md and "minus resnet1d_wang's on the same records" in md
