@@ -301,9 +301,12 @@ def write_outputs(study, model: str, profile: str, args, space: dict, fixed: dic
     if best is not None:
         values = {"representation": best.params.get("representation", fixed.get("representation", rep_default)),
                   **{k: v for k, v in best.params.items() if k != "representation"}}
+        busy = running(study)
+        provisional = [f"PROVISIONAL: {busy} trial(s) were still running in other workers; the last worker to stop "
+                       "rewrites this file with the study's final best"] if busy else []
         write_toml(config_mod.tuned_path(model), values, [
             f"best of Optuna study {study.study_name!r} (profile {profile}): trial {best.number}, "
-            f"validation macro AUC {best.value:.4f}",
+            f"validation macro AUC {best.value:.4f}", *provisional,
             f"written by models/tune.py {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
             f"use it: make train-{model} CONFIG=tuned"])
         best_rec = {**trial_record(best), "config": values}
@@ -490,6 +493,9 @@ def run(args) -> int:
         return 130 if interrupted else 1
     print(f"best: trial {best['number']}, val macro AUC {best['value']:.4f}; wrote {config_mod.tuned_path(args.model)} "
           f"and {d / 'study.json'} ({finished(study)}/{args.trials} finished, {time.time() - t0:.0f} s)")
+    if running(study):
+        print(f"{running(study)} trial(s) still running in other workers: best_config.toml is provisional until "
+              "the last worker stops")
     if interrupted:
         print("interrupted: rerun the same command to continue the study")
         return 130

@@ -202,3 +202,24 @@ def test_bad_input_is_one_line(sample_cache, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         tune.main(["--help"])
     assert e.value.code == 0 and "OPTUNA_STORAGE" in capsys.readouterr().out
+
+
+def test_best_config_written_while_other_workers_run_says_it_is_provisional(tmp_path):
+    from types import SimpleNamespace
+
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="maximize", study_name=MODEL)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, value=0.8,
+                                              distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)}))
+    other_worker = study._storage.create_new_trial(study._study_id)
+
+    def written():
+        tune.write_outputs(study, MODEL, "quick", SimpleNamespace(trials=2), {}, {}, "sqlite:///x.db", 1.0, "signal")
+        text = config_mod.tuned_path(MODEL).read_text()
+        assert tomllib.loads(text) == {"representation": "signal", "lr": 1e-3}
+        return text
+
+    assert "PROVISIONAL: 1 trial(s) were still running" in written()
+    study._storage.set_trial_state_values(other_worker, TrialState.FAIL)
+    assert "PROVISIONAL" not in written()
