@@ -33,6 +33,7 @@ PUBLISHED = [("resnet1d_wang", 0.930, 0.005), ("xresnet1d101", 0.928, 0.005), ("
 PUBLISHED_SOURCE = ("Strodthoff et al., Deep Learning for ECG Analysis: Benchmarks and Insights from PTB-XL, "
                     "IEEE JBHI 25(5), 2021 — leaderboard 'PTB-XL: Diagnostic superclasses'")
 LATENCY_KEY = "latency_ms_b1_t1"
+REFERENCE_MODEL = "resnet1d_wang"   # every fp32 model is compared with it on the same test records
 FIG_DPI = 110
 
 
@@ -77,7 +78,7 @@ def run_table() -> list[dict]:
         d = read_json(m)
         cfg = read_json(m.parent / "config.json")
         rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
-                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"),
+                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": cfg.get("seed", 0),
                      "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
                      "train_s": d.get("train_seconds")})
     return rows
@@ -87,6 +88,7 @@ def seed_vs_default(runs: list[dict]) -> list[dict]:
     from shared.config import resolve
 
     out = []
+    runs = [r for r in runs if r.get("seed", 0) == 0]  # what train-all trains; extra seeds are summarize's business
     for r in runs:
         if r["representation"] != "seed" or r["config"] != "default":
             continue
@@ -101,6 +103,7 @@ def seed_vs_default(runs: list[dict]) -> list[dict]:
 
 def tuned_vs_default(runs: list[dict]) -> list[dict]:
     out = []
+    runs = [r for r in runs if r.get("seed", 0) == 0]
     for r in runs:
         if r["config"] != "tuned":
             continue
@@ -115,6 +118,46 @@ def tuned_vs_default(runs: list[dict]) -> list[dict]:
                     "study_seconds": s.get("trial_seconds_total"),
                     "fixed": ", ".join(f"{k}={v}" for k, v in (s.get("fixed") or {}).items()) or "–"})
     return out
+
+
+def paired_against(results: list[dict], reference_model: str, n_resamples: int) -> tuple[list[dict], list[dict]]:
+    """Test macro AUC differences on the same records, with paired bootstrap intervals: every compressed or bf16
+    variant against its own run's fp32 model, and every fp32 model against the reference model's fp32 run of the
+    same seed (training runs' config.json). Pairs whose prediction files hold different records are skipped."""
+    from shared.metrics import paired_auc_difference
+
+    def test_preds(r):
+        path = eval_dir() / r["artifact"] / "predictions.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as z:
+            return z["test_ecg_id"], z["test_labels"], z["test_probs"]
+
+    def compare(a, b):
+        pa, pb = test_preds(a), test_preds(b)
+        if pa is None or pb is None or not np.array_equal(pa[0], pb[0]):
+            return None
+        return {"artifact": a["artifact"], "against": b["artifact"],
+                **paired_auc_difference(pa[1], pa[2], pb[2], n_resamples)}
+
+    def seed(run):
+        cfg = runs_dir() / run / "config.json"
+        return read_json(cfg).get("seed", 0) if cfg.exists() else 0
+
+    fp32 = {r["run"]: r for r in results if r["variant"] == "fp32" and r["splits"]["test"]["macro_auc"] is not None}
+    compressed = [compare(r, fp32[r["run"]]) for r in results
+                  if r["variant"] != "fp32" and r["run"] in fp32 and r["splits"]["test"]["macro_auc"] is not None]
+    refs = {seed(run): r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"}
+    vs_ref = [compare(r, refs[seed(run)]) for run, r in fp32.items()
+              if r["model"] != reference_model and seed(run) in refs]
+    return [c for c in compressed if c], sorted((c for c in vs_ref if c), key=lambda c: -c["delta"])
+
+
+def paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["artifact", "against", "artifact test AUC", "against test AUC", "Δ", "95 % paired interval",
+            "share of resamples artifact > against"]
+    return head, [[c["artifact"], c["against"], fmt(c["a"], ".4f"), fmt(c["b"], ".4f"), f"{c['delta']:+.4f}",
+                   f"[{c['low']:+.4f}, {c['high']:+.4f}]", f"{c['p_a_better']:.2f}"] for c in rows]
 
 
 # ------------------------------------------------------------------ figures
@@ -271,6 +314,20 @@ def build(out: Path) -> tuple[Path, Path]:
     if any(r.get("efficiency") for r in results):
         sections.append(("Accuracy vs CPU latency", "Each point is an artifact; arrows go from a run's fp32 model to "
                          "its compressed variants.", [("figure", "auc_vs_latency.png", scatter_figure(results))]))
+
+    ci_resamples = ci_info.get("ci_resamples") or 1000
+    compressed, vs_ref = paired_against(results, REFERENCE_MODEL, ci_resamples)
+    if compressed:
+        sections.append(("Compressed vs fp32 on the same records", "Each compressed or bf16 variant's test macro AUC "
+                         f"minus its own fp32 model's, with a paired bootstrap interval ({ci_resamples} resamples of "
+                         "the test records, both models scored on each): an interval that holds 0 means the "
+                         "compression's change is within what the test fold can resolve. The leaderboard's separate "
+                         "intervals are far wider because they also carry the luck both models share.",
+                         [("table", *paired_table(compressed))]))
+    if vs_ref:
+        sections.append((f"Each model against {REFERENCE_MODEL}", f"fp32 test macro AUC minus {REFERENCE_MODEL}'s "
+                         "(the PTB-XL benchmark's best 1-D model, trained here on the same data; same seed), on the "
+                         "same records, paired bootstrap as above.", [("table", *paired_table(vs_ref))]))
 
     svd = seed_vs_default(runs)
     if svd:

@@ -104,15 +104,16 @@ def bootstrap_indices(y_true: np.ndarray, n_resamples: int = 1000, seed: int = 0
 
 def rank_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     """Per-class AUC by the rank-sum formula (average ranks for ties), NaN for a one-valued class: equal to
-    per_class_auc without scikit-learn's per-call checks, which dominate a bootstrap loop."""
+    per_class_auc without scikit-learn's per-call checks, which dominate a bootstrap loop. Arrays are
+    (..., records, classes): leading axes (e.g. bootstrap resamples) are scored in one vectorised pass."""
     from scipy.stats import rankdata
 
     y = y_true.astype(bool)
-    n_pos = y.sum(axis=0)
-    n_neg = len(y) - n_pos
-    ranks = rankdata(y_score, axis=0)
+    n_pos = y.sum(axis=-2)
+    n_neg = y.shape[-2] - n_pos
+    ranks = rankdata(y_score, axis=-2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = ((ranks * y).sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        auc = ((ranks * y).sum(axis=-2) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
@@ -147,18 +148,48 @@ def bootstrap_ci(y_true: np.ndarray, y_score: np.ndarray, thresholds: np.ndarray
                 np.nanquantile(np.asarray(v, float), 1 - alpha, axis=0)) for k, v in draws.items()}
 
 
+def resampled_auc(y_true: np.ndarray, y_score: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-class AUC of every bootstrap resample at once, each resample given as how often it draws each record
+    (counts: resamples × records): the rank-sum AUC with those multiplicities, from one sort of the full set per
+    class. Equal to rank_auc(y_true[idx], y_score[idx]) (tests check it), ~50× faster for 1,000 resamples."""
+    y = y_true.astype(bool)
+    out = np.full((len(counts), y.shape[1]), np.nan)
+    for k in range(y.shape[1]):
+        order = np.argsort(y_score[:, k], kind="stable")
+        s, pos = y_score[order, k], y[order, k]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+        w = np.ascontiguousarray(counts[:, order].T, dtype=float)  # records × resamples: sums run down rows
+        g_pos, g_neg = w * pos[:, None], w * ~pos[:, None]
+        if len(starts) < len(s):
+            g_pos, g_neg = np.add.reduceat(g_pos, starts, axis=0), np.add.reduceat(g_neg, starts, axis=0)
+        below = np.cumsum(g_neg, axis=0) - g_neg  # negatives scored strictly lower than each group
+        n_pos, n_neg = g_pos.sum(axis=0), g_neg.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = (g_pos * (below + 0.5 * g_neg)).sum(axis=0) / (n_pos * n_neg)
+        out[:, k] = np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+    return out
+
+
+_RESAMPLES: dict[tuple, np.ndarray] = {}  # comparisons on one test fold share their resamples: draw them once
+
+
 def paired_auc_difference(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, n_resamples: int = 1000,
                           seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Macro AUC of a minus b on the same records, with a paired bootstrap interval: both models are scored on
     each resample, so the record-to-record luck they share cancels out. That interval is much narrower than
     the two separate intervals suggest, and it is the one that says whether a beats b on this data.
     p_a_better: the share of resamples where a's macro AUC is higher."""
-    def macro(idx):
-        return (float(np.nanmean(rank_auc(y_true[idx], score_a[idx]))),
-                float(np.nanmean(rank_auc(y_true[idx], score_b[idx]))))
-
-    a, b = macro(np.arange(len(y_true)))
-    deltas = np.array([np.subtract(*macro(idx)) for idx in bootstrap_indices(y_true, n_resamples, seed)])
+    key = (y_true.tobytes(), y_true.shape, n_resamples, seed)
+    if key not in _RESAMPLES:
+        idx = bootstrap_indices(y_true, n_resamples, seed)
+        n = len(y_true)
+        _RESAMPLES.clear()
+        _RESAMPLES[key] = np.bincount((idx + n * np.arange(len(idx))[:, None]).ravel(),
+                                      minlength=len(idx) * n).reshape(len(idx), n)
+    counts = _RESAMPLES[key]
+    a, b = (float(np.nanmean(rank_auc(y_true, score))) for score in (score_a, score_b))
+    deltas = (np.nanmean(resampled_auc(y_true, score_a, counts), axis=1)
+              - np.nanmean(resampled_auc(y_true, score_b, counts), axis=1))
     alpha = (1 - level) / 2
     return {"a": a, "b": b, "delta": a - b, "low": float(np.quantile(deltas, alpha)),
             "high": float(np.quantile(deltas, 1 - alpha)), "p_a_better": float((deltas > 0).mean())}

@@ -67,6 +67,20 @@ def test_paired_auc_difference_is_exact_and_its_interval_is_narrower_than_unpair
     assert same["delta"] == same["low"] == same["high"] == 0 and same["p_a_better"] == 0
 
 
+def test_resampled_auc_equals_rank_auc_and_scikit_learn_on_each_resample():
+    rng = np.random.default_rng(3)
+    y = (rng.random((90, 4)) < 0.25).astype(int)
+    y[:, 3] = 0
+    y[:4, 3] = 1  # a rare class: some resamples lose its positives → NaN, as per_class_auc gives
+    s = np.round(rng.random((90, 4)) * 0.7 + y * 0.3, 1)  # one decimal: many ties
+    idx = rng.integers(0, 90, (40, 90))
+    counts = np.stack([np.bincount(i, minlength=90) for i in idx])
+    fast = M.resampled_auc(y, s, counts)
+    np.testing.assert_allclose(fast, M.rank_auc(y[idx], s[idx]), atol=1e-12)
+    for r in (0, 7, 39):
+        np.testing.assert_allclose(fast[r], M.per_class_auc(y[idx[r]], s[idx[r]]), atol=1e-12)
+
+
 def test_macro_auc_skips_single_valued_class():
     y = np.array([[1, 0], [0, 0], [1, 0]])
     s = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3]])
@@ -224,6 +238,9 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     page = root / "report" / "report.html"
     md = (root / "report" / "report.md").read_text()
     assert "resnet1d_wang-signal-quick/fp32" in md and "QUOTED" in md
+    # the dynamic int8 variant against its own fp32 model, paired on the same test records
+    pair = next(line for line in md.splitlines() if line.startswith("| resnet1d_wang-signal-quick/dynamic | "))
+    assert "resnet1d_wang-signal-quick/fp32" in pair and "[" in pair
     for fig in ("roc.png", "auc_vs_latency.png"):
         assert (root / "report" / "figures" / fig).stat().st_size > 5000
     browser = _chromium()
@@ -267,7 +284,8 @@ def test_report_tuned_vs_default_reads_the_study(tmp_path, monkeypatch):
     study.parent.mkdir(parents=True)
     study.write_text(json.dumps({"finished_trials": 4, "trial_seconds_total": 661.0, "fixed": {"epochs": 8}}))
     base = {"model": "vit", "profile": "cpu", "representation": "leads"}
-    runs = [{**base, "config": "default", "val": 0.91, "test": 0.84},
+    runs = [{**base, "config": "default", "seed": 1, "val": 0.5, "test": 0.5},  # an extra seed sorts first
+            {**base, "config": "default", "val": 0.91, "test": 0.84},
             {**base, "config": "tuned", "val": 0.92, "test": 0.87},
             {**base, "config": "default", "representation": "seed", "val": 0.76, "test": 0.77}]
     (row,) = tuned_vs_default(runs)
