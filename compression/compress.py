@@ -9,7 +9,8 @@ Methods (each for every model family):
   qat      quantization-aware training from the fp32 checkpoint (PT2E QAT), then converted to int8.
 
 Each variant goes to artifacts/compressed/<run>/<method>/ with its artifact, variant.json (what was done)
-and metrics.json (val macro AUC, size, sparsity). A finished variant is never redone (resumable).
+and metrics.json (val macro AUC, size, sparsity). A finished variant made from the run's present checkpoint (sha256 in variant.json) is skipped (resumable); one made from an
+older checkpoint (the run was retrained) is redone.
 Compression is a development step, so it scores on the validation fold only; the test fold is read once,
 by eval-all (artifacts/eval/<run>/<method>/result.json), which also saved `make all` ~5 min of duplicate
 prediction.
@@ -191,12 +192,15 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
     quick = cfg.get("profile") == "quick"
     root = (out_root or compressed_dir()) / run_dir.name
     results, failures = {}, []
+    source_sha256 = art.checkpoint_sha256(run_dir)
     for method in methods:
         out = root / method
-        if (out / "metrics.json").exists() and not force:
-            print(f"{out}: done already (metrics.json exists)")
+        if not force and art.variant_is_current(out, run_dir):
+            print(f"{out}: done already (metrics.json exists, made from this checkpoint)")
             results[method] = read_json(out / "metrics.json")
             continue
+        if (out / "metrics.json").exists() and not force:
+            print(f"{out}: made from an older checkpoint of {run_dir.name}: redoing it")
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg["seed"])
         model, _ = art.load_run(run_dir)  # a fresh fp32 copy for every method
@@ -212,7 +216,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
             print(f"error: {failures[-1]}", file=sys.stderr)
             continue
         info.update(method="pruned" if method == "prune" else method, run=str(run_dir.resolve()),
-                    model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
+                    source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
                     versions=library_versions())
         write_json_atomic(out / "variant.json", info)
         metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=(out / info["artifact"]).stat().st_size,

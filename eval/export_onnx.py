@@ -15,7 +15,7 @@ Variants (each in artifacts/compressed/<run>/<variant>/ with model.onnx, variant
 
 metrics.json holds val macro AUC (predict_dataset, as compression does; test is eval-all's), the file sizes and
 max_abs_diff_vs_torch: the largest probability difference from the PyTorch fp32 model on COMPARE_RECORDS
-real val records. A finished variant (metrics.json present) is skipped unless --force.
+real val records. A finished variant (metrics.json present, made from the run's present checkpoint) is skipped unless --force.
 `make export-<model>` exports one model's run; `make export` the best run of PROFILE by val macro AUC.
 """
 from __future__ import annotations
@@ -273,10 +273,12 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     results, failures = {}, []
     todo = []
     for variant in variants:
-        if (root / variant / "metrics.json").exists() and not force:
-            print(f"{root / variant}: done already (metrics.json exists)")
+        if not force and art.variant_is_current(root / variant, run_dir):
+            print(f"{root / variant}: done already (metrics.json exists, made from this checkpoint)")
             results[variant] = read_json(root / variant / "metrics.json")
         else:
+            if (root / variant / "metrics.json").exists() and not force:
+                print(f"{root / variant}: made from an older checkpoint of {run_dir.name}: redoing it")
             todo.append(variant)
     if not todo:
         return results
@@ -323,7 +325,8 @@ def _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare,
     else:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     seconds = time.time() - t0
-    info.update(artifact="model.onnx", method=variant, run=str(run_dir.resolve()), model=cfg["model"],
+    info.update(artifact="model.onnx", method=variant, run=str(run_dir.resolve()),
+                source_sha256=art.checkpoint_sha256(run_dir), model=cfg["model"],
                 representation=cfg["representation"], seconds=round(seconds, 1),
                 versions={**library_versions(), **_onnx_versions()})
     write_json_atomic(out / "variant.json", info)

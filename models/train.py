@@ -290,14 +290,16 @@ def training_normalization(data_dir: Path) -> dict:
 
 
 def changed_keys(saved_config: Path, cfg: dict) -> list[str]:
-    """Keys of `cfg` whose value differs from the config.json a run folder was trained with ([] if none)."""
+    """Keys of `cfg` whose value differs from the config.json a run folder was trained with ([] if none). A key
+    the saved config lacks counts as unchanged when its value is empty ({} / [] / None): it was added to the
+    configs after that run and, empty, changes nothing (e.g. timm_kwargs = {})."""
     if not saved_config.exists():
         return []
     try:
         saved = read_json(saved_config)
     except (OSError, ValueError):
         return ["config.json (unreadable)"]
-    return sorted(k for k, v in cfg.items() if saved.get(k) != v)
+    return sorted(k for k, v in cfg.items() if saved.get(k) != v and (k in saved or v not in ({}, [], None)))
 
 
 def main(argv=None) -> int:

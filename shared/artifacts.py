@@ -48,6 +48,31 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), cfg
 
 
+def checkpoint_sha256(run_dir: Path) -> str:
+    """Identity of the weights a variant is made from; variant.json records it as `source_sha256`."""
+    from shared.io import sha256_file
+
+    return sha256_file(Path(run_dir) / "best.safetensors")
+
+
+def variant_is_current(variant_dir: Path, run_dir: Path) -> bool:
+    """A variant is finished (metrics.json) and made from the run's present checkpoint. After a retrain
+    (`train --force`) the old variants would otherwise be kept and scored as the new model's. Variants from
+    before variant.json recorded the checkpoint's sha256 count as current when newer than the checkpoint."""
+    from shared.io import read_json
+
+    metrics, best = Path(variant_dir) / "metrics.json", Path(run_dir) / "best.safetensors"
+    if not metrics.exists():
+        return False
+    try:
+        recorded = read_json(Path(variant_dir) / "variant.json").get("source_sha256")
+    except (OSError, ValueError):
+        return False
+    if recorded:
+        return recorded == checkpoint_sha256(run_dir)
+    return metrics.stat().st_mtime >= best.stat().st_mtime
+
+
 # ------------------------------------------------------------------ pruned: bit mask + values
 def save_sparse(path: Path, state_dict: dict, sparse_keys: list[str], metadata: dict | None = None) -> None:
     tensors = {}

@@ -164,10 +164,13 @@ def test_a_finished_run_is_kept_unless_its_config_changed(quick_resnet_run, tmp_
             "--set", "eval_stride_seconds=7.5"]
     same = run_module("models.train", *args)
     assert same.returncode == 0 and "already trained" in same.stdout
-    changed = run_module("models.train", *args, "--set", "lr=0.123")
+    # a key newer than the run, set to an empty value, changes nothing; any other change is refused
+    assert "timm_kwargs" not in json.loads((run / "config.json").read_text())
+    assert "already trained" in run_module("models.train", *args, "--set", "timm_kwargs={}").stdout
+    changed = run_module("models.train", *args, "--set", "lr=0.123", "--set", "timm_kwargs={depth=3}")
     assert changed.returncode == 2
     lines = changed.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(run) in lines[0] and "lr changed" in lines[0] and "--force" in lines[0]
+    assert len(lines) == 1 and str(run) in lines[0] and "lr, timm_kwargs changed" in lines[0] and "--force" in lines[0]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
 
 
