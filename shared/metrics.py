@@ -151,7 +151,8 @@ def bootstrap_ci(y_true: np.ndarray, y_score: np.ndarray, thresholds: np.ndarray
 def resampled_auc(y_true: np.ndarray, y_score: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per-class AUC of every bootstrap resample at once, each resample given as how often it draws each record
     (counts: resamples × records): the rank-sum AUC with those multiplicities, from one sort of the full set per
-    class. Equal to rank_auc(y_true[idx], y_score[idx]) (tests check it), ~50× faster for 1,000 resamples."""
+    class. Equal to rank_auc(y_true[idx], y_score[idx]) (tests check it); for 1,000 resamples of 192 records,
+    0.08 s here against 0.26 s for rank_auc on the stacked resamples and 0.94 s for one rank_auc per resample."""
     y = y_true.astype(bool)
     out = np.full((len(counts), y.shape[1]), np.nan)
     for k in range(y.shape[1]):
