@@ -195,12 +195,10 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
     source_sha256 = art.checkpoint_sha256(run_dir)
     for method in methods:
         out = root / method
-        if not force and art.variant_is_current(out, run_dir):
-            print(f"{out}: done already (metrics.json exists, made from this checkpoint)")
-            results[method] = read_json(out / "metrics.json")
+        done = art.finished_variant(out, run_dir, source_sha256, force)
+        if done is not None:
+            results[method] = done
             continue
-        if (out / "metrics.json").exists() and not force:
-            print(f"{out}: made from an older checkpoint of {run_dir.name}: redoing it")
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg["seed"])
         model, _ = art.load_run(run_dir)  # a fresh fp32 copy for every method

@@ -272,13 +272,12 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     root = (out_root or compressed_dir()) / run_dir.name
     results, failures = {}, []
     todo = []
+    source_sha256 = art.checkpoint_sha256(run_dir)
     for variant in variants:
-        if not force and art.variant_is_current(root / variant, run_dir):
-            print(f"{root / variant}: done already (metrics.json exists, made from this checkpoint)")
-            results[variant] = read_json(root / variant / "metrics.json")
+        done = art.finished_variant(root / variant, run_dir, source_sha256, force)
+        if done is not None:
+            results[variant] = done
         else:
-            if (root / variant / "metrics.json").exists() and not force:
-                print(f"{root / variant}: made from an older checkpoint of {run_dir.name}: redoing it")
             todo.append(variant)
     if not todo:
         return results
@@ -291,8 +290,8 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     for variant in todo:
         (root / variant).mkdir(parents=True, exist_ok=True)
         try:
-            results[variant] = _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare, root,
-                                               batches, activation_type, dynamo, mode)
+            results[variant] = _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, adapter,
+                                               compare, root, batches, activation_type, dynamo, mode)
         except Exception as e:  # the exporter or the quantizer cannot handle this network: report, go on
             failures.append(f"{run_dir.name}/{variant}: {type(e).__name__}: {first_line(e)}")
             print(f"error: {failures[-1]}", file=sys.stderr)
@@ -305,7 +304,7 @@ class ExportFailed(RuntimeError):
     pass
 
 
-def _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare, root, batches, activation_type,
+def _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, adapter, compare, root, batches, activation_type,
                     dynamo, mode) -> dict:
     from shared.onnx_model import OnnxModel
 
@@ -326,7 +325,7 @@ def _export_variant(variant, run_dir, torch_model, cfg, cache, adapter, compare,
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     seconds = time.time() - t0
     info.update(artifact="model.onnx", method=variant, run=str(run_dir.resolve()),
-                source_sha256=art.checkpoint_sha256(run_dir), model=cfg["model"],
+                source_sha256=source_sha256, model=cfg["model"],
                 representation=cfg["representation"], seconds=round(seconds, 1),
                 versions={**library_versions(), **_onnx_versions()})
     write_json_atomic(out / "variant.json", info)

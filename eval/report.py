@@ -147,9 +147,10 @@ def paired_against(results: list[dict], reference_model: str, n_resamples: int) 
     fp32 = {r["run"]: r for r in results if r["variant"] == "fp32" and r["splits"]["test"]["macro_auc"] is not None}
     compressed = [compare(r, fp32[r["run"]]) for r in results
                   if r["variant"] != "fp32" and r["run"] in fp32 and r["splits"]["test"]["macro_auc"] is not None]
-    refs = {seed(run): r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"}
-    vs_ref = [compare(r, refs[seed(run)]) for run, r in fp32.items()
-              if r["model"] != reference_model and seed(run) in refs]
+    seeds = {run: seed(run) for run in fp32}
+    refs = {seeds[run]: r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"}
+    vs_ref = [compare(r, refs[seeds[run]]) for run, r in fp32.items()
+              if r["model"] != reference_model and seeds[run] in refs]
     return [c for c in compressed if c], sorted((c for c in vs_ref if c), key=lambda c: -c["delta"])
 
 

@@ -100,15 +100,18 @@ def against_reference(rows: list[dict], root: Path, reference: str, n_resamples:
     from shared import config as config_mod
     from shared.metrics import paired_auc_difference
 
-    refs = [r for r in rows if r["model"] == reference and r["config"] == "default"
-            and r["representation"] == config_mod.resolve(reference, r["profile"])["representation"]]
-    ref_by_seed = {r["seed"]: r for r in refs}
+    if not rows:
+        return []
+    ref_layout = config_mod.resolve(reference, rows[0]["profile"])["representation"]  # rows share one profile
+    ref_by_seed = {r["seed"]: r for r in rows
+                   if r["model"] == reference and r["config"] == "default" and r["representation"] == ref_layout}
+    ref_preds = {seed: load_test_predictions(root / r["run"]) for seed, r in ref_by_seed.items()}
     out = []
     for r in sorted(rows, key=lambda r: (r["model"], r["representation"], r["config"], r["seed"])):
         ref = ref_by_seed.get(r["seed"])
         if ref is None or r["model"] == reference:
             continue
-        a, b = load_test_predictions(root / r["run"]), load_test_predictions(root / ref["run"])
+        a, b = load_test_predictions(root / r["run"]), ref_preds[r["seed"]]
         if a is None or b is None or not np.array_equal(a[0], b[0]):
             continue  # no predictions.npz (older runs), or not the same test records
         d = paired_auc_difference(a[0], a[1], b[1], n_resamples)

@@ -493,8 +493,9 @@ def run(args) -> int:
         return 130 if interrupted else 1
     print(f"best: trial {best['number']}, val macro AUC {best['value']:.4f}; wrote {config_mod.tuned_path(args.model)} "
           f"and {d / 'study.json'} ({finished(study)}/{args.trials} finished, {time.time() - t0:.0f} s)")
-    if running(study):
-        print(f"{running(study)} trial(s) still running in other workers: best_config.toml is provisional until "
+    busy = running(study)
+    if busy:
+        print(f"{busy} trial(s) still running in other workers: best_config.toml is provisional until "
               "the last worker stops")
     if interrupted:
         print("interrupted: rerun the same command to continue the study")

@@ -55,10 +55,11 @@ def checkpoint_sha256(run_dir: Path) -> str:
     return sha256_file(Path(run_dir) / "best.safetensors")
 
 
-def variant_is_current(variant_dir: Path, run_dir: Path) -> bool:
-    """A variant is finished (metrics.json) and made from the run's present checkpoint. After a retrain
-    (`train --force`) the old variants would otherwise be kept and scored as the new model's. Variants from
-    before variant.json recorded the checkpoint's sha256 count as current when newer than the checkpoint."""
+def variant_is_current(variant_dir: Path, run_dir: Path, checkpoint_sha: str) -> bool:
+    """A variant is finished (metrics.json) and made from the run's present checkpoint (checkpoint_sha256 of
+    the run, computed once by the caller). After a retrain (`train --force`) the old variants would otherwise be
+    kept and scored as the new model's. Variants from before variant.json recorded the checkpoint's sha256
+    count as current when newer than the checkpoint."""
     from shared.io import read_json
 
     metrics, best = Path(variant_dir) / "metrics.json", Path(run_dir) / "best.safetensors"
@@ -69,8 +70,22 @@ def variant_is_current(variant_dir: Path, run_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     if recorded:
-        return recorded == checkpoint_sha256(run_dir)
+        return recorded == checkpoint_sha
     return metrics.stat().st_mtime >= best.stat().st_mtime
+
+
+def finished_variant(variant_dir: Path, run_dir: Path, checkpoint_sha: str, force: bool) -> dict | None:
+    """The metrics.json of a variant to skip (finished, from this checkpoint), or None when it is to be made;
+    says which on stdout. Compression and ONNX export resume through this."""
+    from shared.io import read_json
+
+    if force or not (Path(variant_dir) / "metrics.json").exists():
+        return None
+    if variant_is_current(variant_dir, run_dir, checkpoint_sha):
+        print(f"{variant_dir}: done already (metrics.json exists, made from this checkpoint)")
+        return read_json(Path(variant_dir) / "metrics.json")
+    print(f"{variant_dir}: made from an older checkpoint of {Path(run_dir).name}: redoing it")
+    return None
 
 
 # ------------------------------------------------------------------ pruned: bit mask + values

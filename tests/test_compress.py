@@ -166,15 +166,15 @@ def test_a_variant_of_an_older_checkpoint_is_not_current(tmp_path):
     run, variant = tmp_path / "run", tmp_path / "variant"
     run.mkdir(), variant.mkdir()
     (run / "best.safetensors").write_bytes(b"weights v1")
-    assert not art.variant_is_current(variant, run)  # nothing made yet
+    assert not art.variant_is_current(variant, run, art.checkpoint_sha256(run))  # nothing made yet
     (variant / "variant.json").write_text(json.dumps({"source_sha256": art.checkpoint_sha256(run)}))
     (variant / "metrics.json").write_text("{}")
-    assert art.variant_is_current(variant, run)
+    assert art.variant_is_current(variant, run, art.checkpoint_sha256(run))
     (run / "best.safetensors").write_bytes(b"weights v2")  # the run was retrained
-    assert not art.variant_is_current(variant, run)
+    assert not art.variant_is_current(variant, run, art.checkpoint_sha256(run))
     # a variant from before the sha256 was recorded: current only if newer than the checkpoint
     (variant / "variant.json").write_text("{}")
     os.utime(run / "best.safetensors", (1e9, 1e9))
-    assert art.variant_is_current(variant, run)
+    assert art.variant_is_current(variant, run, art.checkpoint_sha256(run))
     os.utime(run / "best.safetensors", (4e9, 4e9))
-    assert not art.variant_is_current(variant, run)
+    assert not art.variant_is_current(variant, run, art.checkpoint_sha256(run))
