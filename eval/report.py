@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:
 
 from shared.io import first_line, library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
 from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir  # noqa: E402
+from shared.results import paired_test_difference, run_seed, test_predictions  # noqa: E402
 
 # Quoted, not measured here: test-fold (fold 10) macro AUC on the FULL PTB-XL, diagnostic superclasses,
 # from the PTB-XL benchmark leaderboard (Strodthoff et al., IEEE JBHI 2021, doi:10.1109/JBHI.2020.3022989;
@@ -78,7 +79,7 @@ def run_table() -> list[dict]:
         d = read_json(m)
         cfg = read_json(m.parent / "config.json")
         rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
-                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": cfg.get("seed", 0),
+                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": run_seed(m.parent, d),
                      "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
                      "train_s": d.get("train_seconds")})
     return rows
@@ -124,30 +125,16 @@ def paired_against(results: list[dict], reference_model: str, n_resamples: int) 
     """Test macro AUC differences on the same records, with paired bootstrap intervals: every compressed or bf16
     variant against its own run's fp32 model, and every fp32 model against the reference model's fp32 run of the
     same seed (training runs' config.json). Pairs whose prediction files hold different records are skipped."""
-    from shared.metrics import paired_auc_difference
-
-    def test_preds(r):
-        path = eval_dir() / r["artifact"] / "predictions.npz"
-        if not path.exists():
-            return None
-        with np.load(path) as z:
-            return z["test_ecg_id"], z["test_labels"], z["test_probs"]
 
     def compare(a, b):
-        pa, pb = test_preds(a), test_preds(b)
-        if pa is None or pb is None or not np.array_equal(pa[0], pb[0]):
-            return None
-        return {"artifact": a["artifact"], "against": b["artifact"],
-                **paired_auc_difference(pa[1], pa[2], pb[2], n_resamples)}
-
-    def seed(run):
-        cfg = runs_dir() / run / "config.json"
-        return read_json(cfg).get("seed", 0) if cfg.exists() else 0
+        d = paired_test_difference(*(test_predictions(eval_dir() / r["artifact"] / "predictions.npz") for r in (a, b)),
+                                   n_resamples)
+        return d and {"artifact": a["artifact"], "against": b["artifact"], **d}
 
     fp32 = {r["run"]: r for r in results if r["variant"] == "fp32" and r["splits"]["test"]["macro_auc"] is not None}
     compressed = [compare(r, fp32[r["run"]]) for r in results
                   if r["variant"] != "fp32" and r["run"] in fp32 and r["splits"]["test"]["macro_auc"] is not None]
-    seeds = {run: seed(run) for run in fp32}
+    seeds = {run: run_seed(runs_dir() / run) for run in fp32}
     refs = {seeds[run]: r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"}
     vs_ref = [compare(r, refs[seeds[run]]) for run, r in fp32.items()
               if r["model"] != reference_model and seeds[run] in refs]

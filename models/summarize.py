@@ -14,24 +14,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shared.io import write_json_atomic, write_text_atomic  # noqa: E402
 from shared.paths import runs_dir  # noqa: E402
-
-
-def run_seed(metrics: dict, run_dir: Path) -> int:
-    """metrics.json has the seed since session 9; older runs have it in config.json only."""
-    if "seed" in metrics:
-        return int(metrics["seed"])
-    try:
-        return int(json.loads((run_dir / "config.json").read_text()).get("seed", 0))
-    except (OSError, ValueError):
-        return 0
+from shared.results import paired_test_difference, run_seed, test_predictions  # noqa: E402
 
 
 def collect(root: Path, profile: str) -> list[dict]:
@@ -41,7 +30,7 @@ def collect(root: Path, profile: str) -> list[dict]:
         if m.get("profile") != profile:
             continue
         rows.append({"run": path.parent.name, "model": m["model"], "representation": m["representation"],
-                     "profile": profile, "config": m.get("config", "default"), "seed": run_seed(m, path.parent),
+                     "profile": profile, "config": m.get("config", "default"), "seed": run_seed(path.parent, m),
                      "val_auc": m["val"]["macro_auc"],
                      "test_auc": m["test"]["macro_auc"], "params": m["params"], "train_seconds": m["train_seconds"],
                      "epochs": m["epochs_run"], "best_epoch": m["best_epoch"], "data_share": m.get("data_time_share"),
@@ -86,35 +75,26 @@ def seed_spread(rows: list[dict]) -> list[dict]:
     return out
 
 
-def load_test_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    try:
-        with np.load(run_dir / "predictions.npz") as z:
-            return z["test_labels"], z["test_probs"]
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def against_reference(rows: list[dict], root: Path, reference: str, n_resamples: int = 1000) -> list[dict]:
     """Each run's test macro AUC minus the reference model's (its default layout and config, the same seed),
     on the same records, with a paired bootstrap interval (shared.metrics.paired_auc_difference)."""
     from shared import config as config_mod
-    from shared.metrics import paired_auc_difference
 
     if not rows:
         return []
     ref_layout = config_mod.resolve(reference, rows[0]["profile"])["representation"]  # rows share one profile
     ref_by_seed = {r["seed"]: r for r in rows
                    if r["model"] == reference and r["config"] == "default" and r["representation"] == ref_layout}
-    ref_preds = {seed: load_test_predictions(root / r["run"]) for seed, r in ref_by_seed.items()}
+    ref_preds = {seed: test_predictions(root / r["run"] / "predictions.npz") for seed, r in ref_by_seed.items()}
     out = []
     for r in sorted(rows, key=lambda r: (r["model"], r["representation"], r["config"], r["seed"])):
         ref = ref_by_seed.get(r["seed"])
         if ref is None or r["model"] == reference:
             continue
-        a, b = load_test_predictions(root / r["run"]), ref_preds[r["seed"]]
-        if a is None or b is None or not np.array_equal(a[0], b[0]):
+        d = paired_test_difference(test_predictions(root / r["run"] / "predictions.npz"), ref_preds[r["seed"]],
+                                   n_resamples)
+        if d is None:
             continue  # no predictions.npz (older runs), or not the same test records
-        d = paired_auc_difference(a[0], a[1], b[1], n_resamples)
         out.append({"run": r["run"], "reference": ref["run"], "seed": r["seed"], **d})
     return out
 

@@ -67,6 +67,31 @@ def test_paired_auc_difference_is_exact_and_its_interval_is_narrower_than_unpair
     assert same["delta"] == same["low"] == same["high"] == 0 and same["p_a_better"] == 0
 
 
+def test_paired_test_difference_pairs_only_the_same_records(tmp_path):
+    from shared.results import paired_test_difference, run_seed, test_predictions
+
+    rng = np.random.default_rng(5)
+    y = (rng.random((60, 5)) < 0.3).astype(np.float32)
+    ids = np.arange(1, 61)
+    a, b = y * 0.4 + rng.random((60, 5)) * 0.6, rng.random((60, 5))
+    np.savez(tmp_path / "a.npz", test_ecg_id=ids, test_labels=y, test_probs=a)
+    np.savez(tmp_path / "b.npz", test_ecg_id=ids, test_labels=y, test_probs=b)
+    np.savez(tmp_path / "other.npz", test_ecg_id=ids[::-1], test_labels=y, test_probs=b)  # same labels, other records
+    np.savez(tmp_path / "train.npz", test_labels=y, test_probs=b)  # training's file: no ecg_id
+    d = paired_test_difference(test_predictions(tmp_path / "a.npz"), test_predictions(tmp_path / "b.npz"), 50)
+    assert d["delta"] == pytest.approx(M.macro_auc(y, a) - M.macro_auc(y, b), abs=1e-12)
+    assert paired_test_difference(test_predictions(tmp_path / "a.npz"), test_predictions(tmp_path / "other.npz"),
+                                  50) is None
+    assert paired_test_difference(test_predictions(tmp_path / "a.npz"), test_predictions(tmp_path / "train.npz"),
+                                  50)["delta"] == pytest.approx(d["delta"])  # no ids on one side: labels decide
+    assert test_predictions(tmp_path / "missing.npz") is None
+    assert paired_test_difference(None, test_predictions(tmp_path / "b.npz"), 50) is None
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"seed": 3}')
+    assert run_seed(tmp_path / "run") == 3 and run_seed(tmp_path / "run", {"seed": 4}) == 4
+    assert run_seed(tmp_path / "no-such-run") == 0
+
+
 def test_resampled_auc_equals_rank_auc_and_scikit_learn_on_each_resample():
     rng = np.random.default_rng(3)
     y = (rng.random((90, 4)) < 0.25).astype(int)
