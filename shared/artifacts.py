@@ -235,23 +235,30 @@ COMPILED_FILE = "model.x86.pt2"        # AOTInductor package built from model.pt
 COMPILED_STAMP = "compiled.json"       # what it was built from, and for which torch and CPU
 
 
-def host_cpu() -> str:
-    """Model name, core count and a digest of the instruction-set flags: a compiled package uses the host's
-    ISA (AVX-512, VNNI here), so one built elsewhere must not be loaded."""
+ISA_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
+                ("avx512_bf16", "bf16"), ("amx_int8", "AMX-int8"), ("amx_bf16", "AMX-bf16"))
+
+
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Model name, core count, the instruction sets that decide int8 and bf16 speed (without VNNI int8 kernels
+    gain little; without native bf16 it is emulated, ~10x slower than fp32) and a digest of all the flags: a
+    compiled package uses the host's ISA, so one built elsewhere must not be loaded."""
     import hashlib
     import os
     import platform
 
     name, flags = platform.machine(), ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name") and name == platform.machine():
                 name = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cores, flags {hashlib.sha256(flags.encode()).hexdigest()[:12]})"
+    present = set(flags.split())
+    isa = ", ".join(label for flag, label in ISA_FEATURES if flag in present) or "ISA unknown"
+    return f"{name} ({os.cpu_count()} cores; {isa}; flags {hashlib.sha256(flags.encode()).hexdigest()[:12]})"
 
 
 def _compiled_stamp(source: Path) -> dict:
