@@ -40,6 +40,8 @@ TRAIN_ORDER := effnetv2 convnext deit vit xresnet1d101 resnet1d_wang
 BACKGROUND  := $(if $(filter 1,$(JOBS)),;,& pids="$$pids $$!";)
 # stages that make all (or train-all) starts after `make data` skip the cache check
 DATA_DEP    := $(if $(NO_DATA),$(VENV_STAMP),data)
+# eval-all: score each run's bf16-autocast twin — auto: only where the CPU computes bf16 natively (yes / no)
+BF16        ?= auto
 TRIALS     ?= 20
 TIMEOUT    ?= 3600
 OPTUNA_STORAGE ?=
@@ -129,8 +131,8 @@ export-%: $(VENV_STAMP)  ## ONNX fp32 + ONNX Runtime static int8 (QDQ, calibrate
 export: $(VENV_STAMP)  ## ONNX fp32 + int8 of the best run of PROFILE by val macro AUC
 	$(PYTHON) -m eval.export_onnx --best --profile $(PROFILE)
 
-eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency), JOBS at a time; skips up-to-date results
-	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS)
+eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency), JOBS at a time (BF16=auto/yes/no); skips up-to-date results
+	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS) --bf16 $(BF16)
 
 eval: $(VENV_STAMP)  ## score ARTIFACT=<run or variant folder> on DATA=<PTB-XL-layout folder> (FOLDS=, IDS=)
 	$(PYTHON) -m eval.evaluate --artifact $(ARTIFACT) $(if $(DATA),--data $(DATA)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(IDS),--ids $(IDS))
@@ -152,7 +154,7 @@ demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → re
 	$(JOB_ENV) $(PYTHON) -m compression.compress --model vit --profile quick --methods prune,dynamic,static $(BACKGROUND) \
 	$(JOB_ENV) $(PYTHON) -m compression.compress --model resnet1d_wang --profile quick --methods prune,dynamic $(BACKGROUND) \
 	for p in $$pids; do wait $$p; done; \
-	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS); \
+	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS) --bf16 $(BF16); \
 	$(PYTHON) -m eval.report --out $(DEMO_ARTIFACTS)/report; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: open $(DEMO_ARTIFACTS)/report/report.html"
 

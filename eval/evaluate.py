@@ -9,7 +9,9 @@ non-zeros, batch-1 latency (median, p95), batch-32 throughput at 1 and 2 threads
 
 Each artifact is scored in its own process (clean peak-RSS figures; one broken artifact cannot stop the
 rest), `--jobs` of them at a time but timed one at a time (see the driver), and skipped when its result is
-newer than the artifact. Writes
+newer than the artifact. The bf16 twin of each run is scored only where the CPU computes bf16 natively
+(`--bf16 auto`; `yes` scores it anyway): elsewhere autocast emulates bf16, ~10x slower than fp32, and it was 64 %
+of eval-all's time on an AVX2-only host. Writes
   artifacts/eval/<run>/<variant>/result.json + predictions.npz
   artifacts/eval/results.json and results.csv (tidy: one row per artifact × split × metric × class)
 
@@ -71,12 +73,12 @@ class Bf16Autocast(nn.Module):
 
 
 # ------------------------------------------------------------------ what there is to score
-def discover(root: Path | None = None) -> list[dict]:
+def discover(root: Path | None = None, bf16: bool = True) -> list[dict]:
     """Every scoreable artifact: {id, run, variant, path, file}."""
     found = []
     for run in sorted((runs_dir(root)).glob("*/")):
         if (run / "best.safetensors").exists() and (run / "metrics.json").exists():
-            for variant in ("fp32", "bf16"):
+            for variant in ("fp32", "bf16") if bf16 else ("fp32",):
                 found.append({"id": f"{run.name}/{variant}", "run": run.name, "variant": variant, "path": run,
                               "file": run / "best.safetensors"})
     for vjson in sorted(compressed_dir(root).glob("*/*/variant.json")):
@@ -87,6 +89,17 @@ def discover(root: Path | None = None) -> list[dict]:
         found.append({"id": f"{vdir.parent.name}/{vdir.name}", "run": vdir.parent.name, "variant": vdir.name,
                       "path": vdir, "file": vdir / info["artifact"]})
     return found
+
+
+def bf16_wanted(mode: str) -> tuple[bool, str | None]:
+    """(score the bf16 twins?, why not — for the log and the report)."""
+    if mode == "yes" or (mode == "auto" and art.native_bf16() is not False):
+        return True, None
+    if mode == "no":
+        return False, "not scored (--bf16 no)"
+    return False, ("not scored: this CPU has no native bf16 (AVX512_BF16 / AMX), so autocast would emulate it, "
+                   "~10x slower than fp32 — a figure of the emulation, not of bf16; `make eval-all BF16=yes` "
+                   "scores it anyway")
 
 
 def result_dir(artifact_id: str, root: Path | None = None) -> Path:
@@ -278,12 +291,13 @@ def tidy_rows(result: dict) -> list[dict]:
     return rows
 
 
-def write_tables(results: list[dict]) -> tuple[Path, Path]:
+def write_tables(results: list[dict], bf16_skipped: str | None = None) -> tuple[Path, Path]:
     import csv
     import io
 
     root = eval_dir()
-    write_json_atomic(root / "results.json", {"results": results, "versions": library_versions()})
+    write_json_atomic(root / "results.json", {"results": results, "versions": library_versions(),
+                                              **({"bf16_skipped": bf16_skipped} if bf16_skipped else {})})
     buf = io.StringIO()
     fields = ["artifact", "run", "variant", "model", "representation", "profile", "split", "metric", "class",
               "value", "ci_low", "ci_high"]
@@ -372,14 +386,17 @@ class _Worker:
 
 
 def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
-                 latency_runs: int = LATENCY_RUNS, jobs: int = 1) -> int:
+                 latency_runs: int = LATENCY_RUNS, jobs: int = 1, bf16: str = "auto") -> int:
     import os
     import queue
     import signal
 
     from tqdm import tqdm
 
-    items = [i for i in discover() if not only or only in i["id"]]
+    with_bf16, bf16_skipped = bf16_wanted(bf16)
+    if bf16_skipped:
+        print(f"bf16 twins of the runs {bf16_skipped}")
+    items = [i for i in discover(bf16=with_bf16) if not only or only in i["id"]]
     if not items:
         print("error: no artifacts to evaluate under artifacts/runs or artifacts/compressed; run `make train-all`",
               file=sys.stderr)
@@ -440,13 +457,13 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
                 tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
             else:
                 tqdm.write(worker.lines[-1] if worker.lines else item["id"])
-                write_tables(collect())  # after each artifact, so an interrupted eval-all still feeds the report
+                write_tables(collect(), bf16_skipped)  # after each artifact: an interrupted eval-all feeds the report
             bar.update(1)
     finally:  # never leave a paused worker behind (Ctrl-C reaches the workers too, once they run again)
         for w in running:
             w.signal(signal.SIGCONT)
     bar.close()
-    json_path, csv_path = write_tables(collect())
+    json_path, csv_path = write_tables(collect(), bf16_skipped)
     print(f"wrote {json_path} and {csv_path}")
     return 1 if failures else 0
 
@@ -509,11 +526,15 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="re-evaluate artifacts whose results are up to date")
     ap.add_argument("--jobs", type=int, default=1, help="with --all: artifacts scored at once, each on cores/JOBS "
                                                         "threads; timing still runs one at a time (default 1)")
+    ap.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                    help="with --all: score each run's bf16-autocast twin — auto: only where the CPU computes bf16 "
+                         "natively (default)")
     ap.add_argument("--timing-gate", action="store_true", help=argparse.SUPPRESS)  # eval-all's worker protocol
     args = ap.parse_args(argv)
     try:
         if args.all and args.data is None:
-            return evaluate_all(args.force, args.bootstrap, not args.no_speed, args.only, args.latency_runs, args.jobs)
+            return evaluate_all(args.force, args.bootstrap, not args.no_speed, args.only, args.latency_runs, args.jobs,
+                                args.bf16)
         if args.artifact is None:
             ap.error("give --all or --artifact PATH")
         item = resolve_item(args.artifact, args.variant)

@@ -39,14 +39,16 @@ FIG_DPI = 110
 
 
 # ------------------------------------------------------------------ inputs
-def load_results() -> list[dict]:
+def load_results() -> dict:
+    """results.json: its `results` (one per artifact), `versions`, and `bf16_skipped` when eval-all left the
+    bf16 twins out."""
     path = eval_dir() / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no evaluation results; run `make eval-all` first")
-    results = read_json(path)["results"]
-    if not results:
+    evaluation = read_json(path)
+    if not evaluation.get("results"):
         raise ValueError(f"{path}: holds no results; run `make eval-all`")
-    return results
+    return evaluation
 
 
 def test_auc(r: dict) -> float:
@@ -274,7 +276,8 @@ def git_commit() -> str:
 
 
 def build(out: Path) -> tuple[Path, Path]:
-    results = load_results()
+    evaluation = load_results()
+    results = evaluation["results"]
     runs = run_table()
     sections: list[tuple[str, str, list]] = []  # (title, intro text, [("table", head, rows) | ("figure", name, png)])
 
@@ -287,11 +290,14 @@ def build(out: Path) -> tuple[Path, Path]:
                            [[c["split"], str(c["records"])] + [str(c[k]) for k in classes] for c in counts])]))
 
     head, rows = leaderboard(results)
+    bf16_skipped = evaluation.get("bf16_skipped")
+    bf16_note = (f" bf16 twins of the runs: {bf16_skipped}." if bf16_skipped and
+                 not any(r["variant"] == "bf16" for r in results) else "")
     ci_info = next((r["splits"]["test"] for r in results if "ci" in r["splits"]["test"]), {})
     sections.append(("Leaderboard", f"Every artifact, sorted by test macro AUC. Thresholds for F1 / F2 / G2 are tuned "
                      f"per class on the validation fold only. Intervals: {ci_info.get('ci_resamples', 'no')} bootstrap "
                      f"resamples of the test fold (seed {ci_info.get('ci_seed', '–')}), percentile 95 %. Latency and "
-                     f"throughput measured on: {results[0].get('efficiency', {}).get('cpu', 'this CPU')}.",
+                     f"throughput measured on: {results[0].get('efficiency', {}).get('cpu', 'this CPU')}." + bf16_note,
                      [("table", head, rows)]))
 
     best = best_model(results)
@@ -344,7 +350,7 @@ def build(out: Path) -> tuple[Path, Path]:
                      "models were trained and tested on the FULL PTB-XL (folds 1–8 / 10); ours may come from a sample "
                      "and a CPU budget, so the columns are not directly comparable.",
                      [("table", ["model", "published test macro AUC (full PTB-XL)", "ours, fp32 test"], pub_rows)]))
-    versions = read_json(eval_dir() / "results.json").get("versions") or library_versions()
+    versions = evaluation.get("versions") or library_versions()
     commands = ["make data PTBXL_DIR=…", "make train-all PROFILE=…", "make compress-all PROFILE=…", "make eval-all",
                 "make report"]
     sections.append(("How this was made", f"Commit {git_commit()}, generated {time.strftime('%Y-%m-%d %H:%M:%S')}, "

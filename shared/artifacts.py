@@ -239,12 +239,7 @@ ISA_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"
                 ("avx512_bf16", "bf16"), ("amx_int8", "AMX-int8"), ("amx_bf16", "AMX-bf16"))
 
 
-def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """Model name, core count, the instruction sets that decide int8 and bf16 speed (without VNNI int8 kernels
-    gain little; without native bf16 it is emulated, ~10x slower than fp32) and a digest of all the flags: a
-    compiled package uses the host's ISA, so one built elsewhere must not be loaded."""
-    import hashlib
-    import os
+def _cpuinfo(cpuinfo: Path) -> tuple[str, str]:
     import platform
 
     name, flags = platform.machine(), ""
@@ -256,9 +251,29 @@ def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
                 flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return name, flags
+
+
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Model name, core count, the instruction sets that decide int8 and bf16 speed (without VNNI int8 kernels
+    gain little; without native bf16 it is emulated, ~10x slower than fp32) and a digest of all the flags: a
+    compiled package uses the host's ISA, so one built elsewhere must not be loaded."""
+    import hashlib
+    import os
+
+    name, flags = _cpuinfo(cpuinfo)
     present = set(flags.split())
     isa = ", ".join(label for flag, label in ISA_FEATURES if flag in present) or "ISA unknown"
     return f"{name} ({os.cpu_count()} cores; {isa}; flags {hashlib.sha256(flags.encode()).hexdigest()[:12]})"
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX-bf16); None when its flags cannot be read.
+    Elsewhere CPU bf16 autocast is emulated: on an AVX2-only EPYC, effnetv2 took 226 ms per record vs 22 ms fp32."""
+    _, flags = _cpuinfo(cpuinfo)
+    if not flags:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def _compiled_stamp(source: Path) -> dict:

@@ -134,7 +134,7 @@ def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_pa
         assert not art.compiled_is_current(tmp_path), key
 
 
-def test_host_cpu_names_the_instruction_sets_that_decide_int8_and_bf16_speed(tmp_path):
+def test_host_cpu_names_the_instruction_sets_that_decide_int8_and_bf16_speed_and_native_bf16(tmp_path):
     """The report prints it beside every latency; packages are stamped with it, so two CPUs must differ."""
     intel, amd = tmp_path / "intel", tmp_path / "amd"
     intel.write_text("model name\t: Xeon X\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n")
@@ -143,6 +143,8 @@ def test_host_cpu_names_the_instruction_sets_that_decide_int8_and_bf16_speed(tmp
     assert a.startswith("Xeon X (") and "; AVX2, AVX-512, VNNI, bf16, AMX-int8; flags " in a
     assert b.startswith("EPYC Y (") and "; AVX2; flags " in b
     assert a.rsplit(" ", 1)[1] != b.rsplit(" ", 1)[1]
+    assert art.native_bf16(intel) is True and art.native_bf16(amd) is False
+    assert art.native_bf16(tmp_path / "no-cpuinfo") is None  # unknown: eval-all scores bf16 rather than guess
 
 
 def test_a_package_that_cannot_be_built_is_one_line_naming_the_program_and_leaves_nothing(tmp_path, monkeypatch):

@@ -137,7 +137,8 @@ def scored(quick_resnet_run, sample_cache, tmp_path_factory):
     env = {"ARTIFACTS": str(root)}
     run_module("compression.compress", "--run", root / "runs" / "resnet1d_wang-signal-quick", "--methods", "dynamic",
                "--data", sample_cache, env=env, check=True)
-    r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", "--jobs", "2", env=env)
+    r = run_module("eval.evaluate", "--all", "--bootstrap", "200", "--latency-runs", "10", "--jobs", "2",
+                   "--bf16", "yes", env=env)  # the bf16 path on every CPU (auto skips it where bf16 is emulated)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return root, env
 
@@ -162,7 +163,7 @@ def test_eval_all_writes_results_with_intervals_and_efficiency(scored):
     assert sorted(paused)[-1] == 1 and sorted(paused)[0] == 0 and set(paused) <= {0, 1}
     csv = (root / "eval" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("artifact,run,variant") and len(csv) > 50
-    again = run_module("eval.evaluate", "--all", env=env)
+    again = run_module("eval.evaluate", "--all", "--bf16", "yes", env=env)
     assert "3 up to date, 0 to evaluate" in again.stdout
 
 
@@ -287,6 +288,38 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1400,3000", page.as_uri()],
                    capture_output=True, text=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10000
+
+
+def test_report_says_why_the_bf16_twins_are_missing(scored, tmp_path):
+    root, _ = scored
+    copy = tmp_path / "artifacts"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("report"))
+    doc = json.loads((copy / "eval" / "results.json").read_text())
+    doc["results"] = [r for r in doc["results"] if r["variant"] != "bf16"]
+    doc["bf16_skipped"] = "not scored: this CPU has no native bf16"
+    (copy / "eval" / "results.json").write_text(json.dumps(doc))
+    r = run_module("eval.report", env={"ARTIFACTS": str(copy)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (copy / "report" / "report.md").read_text()
+    assert "bf16 twins of the runs: not scored: this CPU has no native bf16." in md and "/bf16 |" not in md
+
+
+def test_bf16_twins_are_scored_only_where_the_cpu_computes_bf16(tmp_path, monkeypatch):
+    from eval import evaluate as E
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "best.safetensors").write_bytes(b"")
+    (run / "metrics.json").write_text("{}")
+    assert [i["variant"] for i in E.discover(tmp_path)] == ["fp32", "bf16"]
+    assert [i["variant"] for i in E.discover(tmp_path, bf16=False)] == ["fp32"]
+    for native, mode, want in ((False, "auto", False), (True, "auto", True), (None, "auto", True),
+                               (False, "yes", True), (True, "no", False)):
+        monkeypatch.setattr(E.art, "native_bf16", lambda native=native: native)
+        wanted, why = E.bf16_wanted(mode)
+        assert wanted == want and (why is None) == want, (native, mode)
+        if native is False and mode == "auto":
+            assert "no native bf16" in why and "BF16=yes" in why
 
 
 def test_eval_all_names_the_exception_not_the_last_hint():
