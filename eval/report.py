@@ -81,7 +81,7 @@ def run_table() -> list[dict]:
         d = read_json(m)
         cfg = read_json(m.parent / "config.json")
         rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
-                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": run_seed(m.parent, d),
+                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": cfg.get("seed", 0),
                      "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
                      "train_s": d.get("train_seconds")})
     return rows
