@@ -9,8 +9,9 @@ Methods (each for every model family):
   qat      quantization-aware training from the fp32 checkpoint (PT2E QAT), then converted to int8.
 
 Each variant goes to artifacts/compressed/<run>/<method>/ with its artifact, variant.json (what was done)
-and metrics.json (val macro AUC, size, sparsity). A finished variant made from the run's present checkpoint (sha256 in variant.json) is skipped (resumable); one made from an
-older checkpoint (the run was retrained) is redone.
+and metrics.json (val macro AUC, size, sparsity). A finished variant made from the run's present checkpoint
+(sha256 in variant.json) is skipped (resumable); one made from an older checkpoint (the run was retrained) is
+redone.
 Compression is a development step, so it scores on the validation fold only; the test fold is read once,
 by eval-all (artifacts/eval/<run>/<method>/result.json), which also saved `make all` ~5 min of duplicate
 prediction.
@@ -214,7 +215,8 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
             print(f"error: {failures[-1]}", file=sys.stderr)
             continue
         info.update(method="pruned" if method == "prune" else method, run=str(run_dir.resolve()),
-                    source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
+                    source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"],
+                    seconds=round(seconds, 1),
                     versions=library_versions())
         write_json_atomic(out / "variant.json", info)
         metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=(out / info["artifact"]).stat().st_size,

@@ -15,7 +15,8 @@ Variants (each in artifacts/compressed/<run>/<variant>/ with model.onnx, variant
 
 metrics.json holds val macro AUC (predict_dataset, as compression does; test is eval-all's), the file sizes and
 max_abs_diff_vs_torch: the largest probability difference from the PyTorch fp32 model on COMPARE_RECORDS
-real val records. A finished variant (metrics.json present, made from the run's present checkpoint) is skipped unless --force.
+real val records. A finished variant (metrics.json present, made from the run's present checkpoint) is skipped
+unless --force.
 `make export-<model>` exports one model's run; `make export` the best run of PROFILE by val macro AUC.
 """
 from __future__ import annotations
@@ -304,8 +305,8 @@ class ExportFailed(RuntimeError):
     pass
 
 
-def _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, adapter, compare, root, batches, activation_type,
-                    dynamo, mode) -> dict:
+def _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, adapter, compare, root, batches,
+                    activation_type, dynamo, mode) -> dict:
     from shared.onnx_model import OnnxModel
 
     out = root / variant

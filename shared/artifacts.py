@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from shared.io import first_line, load_weights, read_json, save_weights
+from shared.io import first_line, load_weights, read_json, save_weights, sha256_file
 from shared.nets import architecture_kwargs, build_model
 from shared.paths import runs_dir
 
@@ -50,8 +50,6 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
 
 def checkpoint_sha256(run_dir: Path) -> str:
     """Identity of the weights a variant is made from; variant.json records it as `source_sha256`."""
-    from shared.io import sha256_file
-
     return sha256_file(Path(run_dir) / "best.safetensors")
 
 
@@ -60,8 +58,6 @@ def variant_is_current(variant_dir: Path, run_dir: Path, checkpoint_sha: str) ->
     the run, computed once by the caller). After a retrain (`train --force`) the old variants would otherwise be
     kept and scored as the new model's. Variants from before variant.json recorded the checkpoint's sha256
     count as current when newer than the checkpoint."""
-    from shared.io import read_json
-
     metrics, best = Path(variant_dir) / "metrics.json", Path(run_dir) / "best.safetensors"
     if not metrics.exists():
         return False
@@ -77,8 +73,6 @@ def variant_is_current(variant_dir: Path, run_dir: Path, checkpoint_sha: str) ->
 def finished_variant(variant_dir: Path, run_dir: Path, checkpoint_sha: str, force: bool) -> dict | None:
     """The metrics.json of a variant to skip (finished, from this checkpoint), or None when it is to be made;
     says which on stdout. Compression and ONNX export resume through this."""
-    from shared.io import read_json
-
     if force or not (Path(variant_dir) / "metrics.json").exists():
         return None
     if variant_is_current(variant_dir, run_dir, checkpoint_sha):
@@ -277,8 +271,6 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
 
 
 def _compiled_stamp(source: Path) -> dict:
-    from shared.io import sha256_file
-
     return {"source": source.name, "source_sha256": sha256_file(source), "torch": torch.__version__,
             "cpu": host_cpu()}
 
@@ -335,8 +327,6 @@ def load_compiled(variant_dir: Path, artifact: str = "model.pt2"):
 
 
 def compiled_is_current(variant_dir: Path, artifact: str = "model.pt2") -> bool:
-    from shared.io import read_json
-
     stamp_path = variant_dir / COMPILED_STAMP
     if not (variant_dir / COMPILED_FILE).exists() or not stamp_path.exists():
         return False

@@ -38,7 +38,7 @@ def paired_test_difference(a: dict | None, b: dict | None, n_resamples: int) -> 
 
     if a is None or b is None:
         return None
-    key = "ecg_id" if a["ecg_id"] is not None and b["ecg_id"] is not None else "labels"
-    if not np.array_equal(a[key], b[key]) or not np.array_equal(a["labels"], b["labels"]):
+    both_have_ids = a["ecg_id"] is not None and b["ecg_id"] is not None
+    if (both_have_ids and not np.array_equal(a["ecg_id"], b["ecg_id"])) or not np.array_equal(a["labels"], b["labels"]):
         return None
     return paired_auc_difference(a["labels"], a["probs"], b["probs"], n_resamples)
