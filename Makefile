@@ -22,10 +22,11 @@ SEED       ?=
 SEEDS      ?= 1 2
 TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(if $(SEED),--set seed=$(SEED)) $(foreach s,$(SET),--set $(s))
 
-# make demo: the whole pipeline in minutes on the PTB-XL sample beside the repo (or, without it, a synthetic
-# PTB-XL), in its own artifacts folder. Longer than the quick profile so the numbers mean something.
+# make demo: the whole pipeline in minutes, in its own artifacts folder, on PTBXL_DIR when given, else on the real
+# PTB-XL subset shipped in tests/data/ptbxl-mini. Longer than the quick profile so the numbers mean something.
 DEMO_ARTIFACTS ?= $(CURDIR)/artifacts/demo
-DEMO_DATA      ?= $(firstword $(wildcard $(CURDIR)/../shared/ptbxl-sample))
+MINI_DATA      := $(CURDIR)/tests/data/ptbxl-mini
+DEMO_DATA      ?= $(or $(PTBXL_DIR),$(MINI_DATA))
 DEMO_SET       := --set epochs=6 --set max_train_records=100000 --set max_train_batches=35
 # JOBS: how many models train-all, compress-all and demo work on at once, each on NPROC/JOBS threads. On the
 # 2-core machine two one-thread jobs did 1.3x the work of one two-thread job (README, "make all"); JOBS=1 runs
@@ -143,10 +144,10 @@ report: $(VENV_STAMP)  ## HTML + Markdown report from the evaluation results (ar
 predict: $(VENV_STAMP)  ## diagnose RECORDS="path/without/ext …" with MODEL=<run or variant folder> (JSON=1)
 	$(PYTHON) -m eval.predict $(RECORDS) --model $(MODEL) $(if $(JSON),--json)
 
-demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → report in minutes (artifacts/demo/report)
+demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → report in minutes (PTBXL_DIR, else the shipped subset)
 	@start=$$(date +%s); set -e; export ARTIFACTS=$(DEMO_ARTIFACTS); src="$(DEMO_DATA)"; \
-	if [ -z "$$src" ]; then src=$(DEMO_ARTIFACTS)/synth-ptbxl; \
-	  $(PYTHON) -m data_prep.synth --records 600 --out $$src; fi; \
+	if [ "$$src" = "$(MINI_DATA)" ]; then echo "demo data: $$src (real PTB-XL records shipped with the repository; PTBXL_DIR=… for more)"; \
+	else echo "demo data: $$src"; fi; \
 	$(PYTHON) -m data_prep.build_cache --ptbxl-dir $$src; \
 	pids=""; for m in vit resnet1d_wang; do \
 	  $(JOB_ENV) $(PYTHON) -m models.train --model $$m --profile quick $(DEMO_SET) $(BACKGROUND) done; \
@@ -156,7 +157,7 @@ demo: $(VENV_STAMP)  ## data → train 2 models → compress → eval-all → re
 	for p in $$pids; do wait $$p; done; \
 	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS) --bf16 $(BF16); \
 	$(PYTHON) -m eval.report --out $(DEMO_ARTIFACTS)/report; \
-	echo "demo finished in $$(( $$(date +%s) - start )) s: open $(DEMO_ARTIFACTS)/report/report.html"
+	echo "demo finished in $$(( $$(date +%s) - start )) s on $$src: open $(DEMO_ARTIFACTS)/report/report.html"
 
 test: $(VENV_STAMP)  ## run the test suite, JOBS test files at a time (pytest-xdist; most tests use one core)
 	$(PYTHON) -m pytest -q -n $(JOBS) --dist loadfile

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULT_SAMPLE = REPO.parent / "shared" / "ptbxl-sample"
+DEFAULT_SAMPLE = Path(os.environ.get("PTBXL_SAMPLE") or REPO / "tests" / "data" / "ptbxl-mini")
 
 
 def bench_vs_wfdb(sample: Path, sampling_rate: int) -> None:

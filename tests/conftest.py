@@ -1,4 +1,5 @@
-"""Shared fixtures: the real PTB-XL sample beside the repo, its cache, and small synthetic folders."""
+"""Shared fixtures: real PTB-XL records (the subset shipped in tests/data/ptbxl-mini, or PTBXL_SAMPLE), their
+cache, and small synthetic folders."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-SAMPLE = Path(os.environ.get("PTBXL_SAMPLE", REPO.parent / "shared" / "ptbxl-sample")).resolve()
+# The real PTB-XL subset that ships with the repository; PTBXL_SAMPLE=/path points the tests at a larger copy.
+MINI = REPO / "tests" / "data" / "ptbxl-mini"
+SAMPLE = Path(os.environ.get("PTBXL_SAMPLE") or MINI).resolve()
 
 
 def run_module(module: str, *args: str, env: dict | None = None, check: bool = False, timeout: float = 600):
@@ -28,13 +31,13 @@ def run_module(module: str, *args: str, env: dict | None = None, check: bool = F
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     if not (SAMPLE / "ptbxl_database.csv").exists():
-        pytest.fail(f"the PTB-XL sample is missing at {SAMPLE} (set PTBXL_SAMPLE)")
+        pytest.fail(f"no PTB-XL records at {SAMPLE} (PTBXL_SAMPLE must name a PTB-XL folder)")
     return SAMPLE
 
 
 @pytest.fixture(scope="session")
 def sample_cache(sample_dir, tmp_path_factory) -> Path:
-    """The real sample at 100 Hz, built once per test session."""
+    """The real records at 100 Hz, built once per test run."""
     out = tmp_path_factory.mktemp("cache") / "ptbxl-100hz"
     run_module("data_prep.build_cache", "--ptbxl-dir", sample_dir, "--out", out, check=True)
     return out
@@ -57,7 +60,7 @@ def synth_dir(synth_template, tmp_path) -> Path:
 
 
 def _quick_run(model: str, representation: str, root: Path, sample_cache: Path) -> Path:
-    """A 1-epoch quick-profile run on the real sample; windows every 7.5 s (2 per record, not 7) to cut every
+    """A 1-epoch quick-profile run on the real records; windows every 7.5 s (2 per record, not 7) to cut every
     later evaluation to under a third while still averaging windows. Shared by several test files: tests must
     not modify it."""
     out = root / f"{model}-{representation}-quick"

@@ -80,7 +80,7 @@ def test_signals_equal_wfdb_rdsamp(sample_dir, fs, folder, suffix):
 
 def test_cache_signals_equal_wfdb(sample_dir, sample_cache):
     cache = open_cache(sample_cache)
-    for row in [0, 500, len(cache.meta) - 1]:
+    for row in [0, len(cache.meta) // 2, len(cache.meta) - 1]:
         ecg_id = int(cache.meta.ecg_id[row])
         ref, _ = wfdb.rdsamp(str(sample_dir / "records100" / f"{ecg_id // 1000 * 1000:05d}" / f"{ecg_id:05d}_lr"))
         np.testing.assert_array_equal(cache.signals[row], ref.T.astype(np.float32))
