@@ -15,7 +15,21 @@ VENV_STAMP := .venv/.installed
 MODELS_2D  := vit deit effnetv2 convnext
 MODELS_1D  := resnet1d_wang xresnet1d101
 ALL_MODELS := $(MODELS_2D) $(MODELS_1D)
+# A mistyped model in a per-model goal (make train-vitt) stops make here, before any target builds data or a venv.
+MODEL_GOALS := train tune seeds prune quantize export-openvino export bench-compress
+ALL_GOALS   := train-all tune-all seeds-all prune-all quantize-all $(addprefix export-openvino-,$(ALL_MODELS))
+BAD_GOAL    := $(firstword $(foreach g,$(MODEL_GOALS),\
+               $(filter-out $(addprefix $(g)-,$(ALL_MODELS)) $(ALL_GOALS),$(filter $(g)-%,$(MAKECMDGOALS)))))
+BAD_MODEL   := $(firstword $(foreach g,$(MODEL_GOALS),$(patsubst $(g)-%,%,$(filter $(g)-%,$(BAD_GOAL)))))
+ifneq ($(BAD_GOAL),)
+$(error make $(BAD_GOAL): unknown model '$(BAD_MODEL)'; choose from $(ALL_MODELS))
+endif
 REPR       ?=
+# A mistyped representation stops make too (which model takes which is checked by models.train, in one line).
+ALL_REPRS  := seed rows leads strip signal
+ifneq ($(filter-out $(ALL_REPRS),$(REPR)),)
+$(error REPR=$(REPR): unknown representation; choose from $(ALL_REPRS))
+endif
 CONFIG     ?= default
 SET        ?=
 SEED       ?=
@@ -123,14 +137,18 @@ prune-all: $(VENV_STAMP)  ## prune every trained model, JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix prune-,$(TRAIN_ORDER))
 quantize-all: $(VENV_STAMP)  ## quantize every trained model, JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER))
-compress-all: $(VENV_STAMP)  ## every compression of every trained model, JOBS at a time
-	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER)) $(addprefix prune-,$(TRAIN_ORDER))
+compress-all: $(VENV_STAMP)  ## every compression and export of every trained model (PyTorch, ONNX Runtime, OpenVINO), JOBS at a time
+	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER)) $(addprefix prune-,$(TRAIN_ORDER)) \
+	  $(addprefix export-,$(TRAIN_ORDER)) $(addprefix export-openvino-,$(TRAIN_ORDER))
+
+export-openvino-%: $(VENV_STAMP)  ## OpenVINO fp32 IR + NNCF int8 (calibrated as static int8) of a trained model's run
+	$(PYTHON) -m compression.openvino_export --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
 
 export-%: $(VENV_STAMP)  ## ONNX fp32 + ONNX Runtime static int8 (QDQ, calibrated) of a trained model's run
-	$(PYTHON) -m eval.export_onnx --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
+	$(PYTHON) -m compression.export_onnx --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
 
 export: $(VENV_STAMP)  ## ONNX fp32 + int8 of the best run of PROFILE by val macro AUC
-	$(PYTHON) -m eval.export_onnx --best --profile $(PROFILE)
+	$(PYTHON) -m compression.export_onnx --best --profile $(PROFILE)
 
 eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, latency), JOBS at a time (BF16=auto/yes/no); skips up-to-date results
 	$(PYTHON) -m eval.evaluate --all --jobs $(JOBS) --bf16 $(BF16)

@@ -2,7 +2,7 @@
 file size, parameters / non-zeros, val macro AUC (test macro AUC from eval-all's result.json where it has
 scored the variant; compress itself never reads the test fold), and throughput (samples/s) at batch 1 and 32
 with 1 and 2 threads, for fp32, bf16 autocast, pruned, dynamic int8, static int8 and QAT int8, and the
-ONNX Runtime fp32 / int8 exports of eval/export_onnx.py (their sessions follow torch.set_num_threads).
+ONNX Runtime fp32 / int8 exports of compression/export_onnx.py (their sessions follow torch.set_num_threads).
 
 Prints a Markdown table and writes artifacts/compressed/<run>/benchmark.json. Asserts nothing.
 """
@@ -22,14 +22,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shared import artifacts as art  # noqa: E402
-from shared.cache import open_cache  # noqa: E402
+from shared.cache import CacheError, open_cache  # noqa: E402
 from shared.dataset import ECGDataset  # noqa: E402
-from shared.io import read_json, write_json_atomic  # noqa: E402
+from shared.io import first_line, read_json, write_json_atomic  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
 from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset, scores  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "prune", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8")
+VARIANTS = ("fp32", "bf16", "prune", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8", "openvino_fp32",
+            "openvino_int8")
 BATCHES = (1, 32)
 THREADS = (1, 2)
 RUNS = 20          # timed forward passes per setting (after warm-up)
@@ -49,6 +50,15 @@ def evaluated_test_auc(run: str, variant: str) -> float | None:
     return read_json(result)["splits"]["test"]["macro_auc"] if result.exists() else None
 
 
+def open_run(run: Path) -> tuple[torch.nn.Module, dict, dict]:
+    """(fp32 model, config, metrics) of a finished training run: the figures compare against its metrics.json."""
+    if not (run / "metrics.json").exists():
+        what = "unfinished training run" if run.is_dir() else "no such training run"
+        raise FileNotFoundError(f"{run}: {what} (no metrics.json); train it first (make train-<model>)")
+    fp32, cfg = art.load_run(run)
+    return fp32, cfg, read_json(run / "metrics.json")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compression.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,12 +68,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     run = args.run if args.run.exists() else runs_dir() / str(args.run)
     root = args.compressed or compressed_dir() / run.name
-    fp32, cfg = art.load_run(run)
-    cache = open_cache(args.data or data_cache_dir(cfg.get("sampling_rate", 100)))
+    try:
+        fp32, cfg, run_metrics = open_run(run)
+        cache = open_cache(args.data or data_cache_dir(cfg.get("sampling_rate", 100)))
+    except (FileNotFoundError, ValueError, CacheError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
     adapter = InputAdapter(cfg, cache.sampling_rate)
     x_all, _ = ECGDataset(cache, "val").__getitems__(range(32))
     inputs = adapter.eval_inputs(x_all)[0][:32]
-    run_metrics = read_json(run / "metrics.json")
     rows = []
     for variant in VARIANTS:
         vdir = root / variant
@@ -81,7 +94,8 @@ def main(argv=None) -> int:
                 val, test = aucs
         else:
             if not (vdir / "metrics.json").exists():
-                make = "export-<model>" if variant.startswith("onnx") else "compress-<model>"
+                make = {"onnx": "export-<model>", "openvino": "export-openvino-<model>"}.get(variant.split("_")[0],
+                                                                                         "quantize-<model> or prune-<model>")
                 print(f"skip {variant}: {vdir} has no finished variant (make {make})")
                 continue
             model, _, info = art.load_variant(vdir, compiled=variant in art.COMPILED_METHODS)

@@ -38,7 +38,8 @@ from shared.dataset import ECGDataset, make_loader  # noqa: E402
 from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
 from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
-from shared.training import InputAdapter, train_step, validation_scores  # noqa: E402
+from shared.results import check_against_parent  # noqa: E402
+from shared.training import InputAdapter, calibration_inputs, train_step, validation_scores  # noqa: E402
 
 # Knobs
 METHODS = ("prune", "dynamic", "static", "qat")
@@ -150,14 +151,10 @@ def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int =
     batch = torch.export.Dim("batch", min=1, max=4096)
     graph = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_pt2e(graph, _quantizer(False))
-    loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 31)
-    gen = torch.Generator().manual_seed(cfg["seed"] + 37)
     n = min(batches, QUICK_MAX_BATCHES) if quick else batches
     with torch.no_grad():  # crops like training's, not every sliding window: observers cost 7× less per record
-        for i, (x, _) in enumerate(tqdm(loader, total=n, desc="calibrate", leave=False)):
-            if i >= n:
-                break
-            prepared(adapter.train_input(x, gen))
+        for x in tqdm(calibration_inputs(cache, adapter, cfg, n), total=n, desc="calibrate", leave=False):
+            prepared(x)
     converted = convert_pt2e(prepared)
     art.save_exported(out / "model.pt2", converted, example)
     return {"artifact": "model.pt2", "api": "torchao PT2E + X86InductorQuantizer", "calibration_batches": n,
@@ -221,6 +218,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
         write_json_atomic(out / "variant.json", info)
         metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=(out / info["artifact"]).stat().st_size,
                        fp32_bytes=(run_dir / "best.safetensors").stat().st_size)
+        check_against_parent(metrics, run_dir, f"{run_dir.name}/{method}")
         write_json_atomic(out / "metrics.json", metrics)
         results[method] = metrics
         print(f"{run_dir.name}/{method}: val macro AUC {metrics['val']['macro_auc']:.4f}, "

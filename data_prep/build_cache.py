@@ -55,7 +55,7 @@ def resolve_source(ptbxl_dir: str | None, sampling_rate: int, base_url: str | No
             raise SourceError(f"{src}: PTBXL_DIR does not exist")
         if src.is_file() and src.suffix == ".zip":
             try:
-                return download.extract_zip_safely(src, download_dir().parent / f"extracted-{src.stem}")
+                return download.extract_zip_once(src, download_dir().parent / f"extracted-{src.stem}")
             except download.DownloadError as e:
                 raise SourceError(str(e)) from None
         if not (src / "ptbxl_database.csv").exists():
@@ -278,6 +278,7 @@ def build(src: Path, out: Path, sampling_rate: int, folds: dict[str, list[int]],
             "build_seconds": round(time.time() - t0, 2),
         }
         write_json_atomic(tmp / "manifest.json", manifest)
+        cache_fmt.record_verified(tmp, manifest["files"])  # just hashed: a no-op run need not hash them again
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -316,6 +317,44 @@ def _remove_stale_temporaries(out: Path) -> None:
             pass
 
 
+def _built_from(out: Path) -> str:
+    try:
+        return str(read_json(out / "manifest.json")["source"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "/path/to/ptb-xl"
+
+
+def _use_existing(out: Path) -> bool:
+    """No source named: a complete cache is used as it is (later make targets depend on `data`) once its files
+    match the manifest. A corrupted one is an error naming the fix: the fallback without a source, a download,
+    would not repair a cache built from a local copy, and fails offline."""
+    try:
+        built_from = cache_fmt.verify_cache(out)["source"]["path"]
+    except cache_fmt.CacheCorrupt as e:
+        raise SourceError(f"{e.path}: {e.problem}; rebuild the cache with `make data PTBXL_DIR={_built_from(out)}` "
+                          f"(or --force, which downloads PTB-XL when no source is given)") from None
+    except (cache_fmt.CacheError, OSError, KeyError, TypeError):
+        return False
+    print(f"{out}: using the existing cache (built from {built_from}; PTBXL_DIR=... to check a source)")
+    return True
+
+
+def _up_to_date(out: Path, fingerprint: str, src: Path) -> bool:
+    """Built from this very source and options, and its files still match the manifest. A corrupted cache is
+    rebuilt from the source at hand (the natural fix), saying so in one line."""
+    try:
+        manifest = read_json(out / "manifest.json")
+        if not isinstance(manifest, dict) or manifest.get("source", {}).get("fingerprint") != fingerprint:
+            return False
+        cache_fmt.verify_cache(out)
+        return True
+    except cache_fmt.CacheCorrupt as e:
+        print(f"warning: {e.path}: {e.problem}; rebuilding the cache from {src}", file=sys.stderr)
+        return False
+    except (cache_fmt.CacheError, OSError, ValueError, AttributeError, KeyError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data_prep.build_cache",
@@ -343,26 +382,16 @@ def main(argv: list[str] | None = None) -> int:
             set(folds["val"]) & set(folds["test"])
         if overlap:
             raise SourceError(f"folds {sorted(overlap)} are in more than one split")
-        if not args.ptbxl_dir and not args.force and (out / "manifest.json").exists():
-            try:  # no source named: a complete cache is used as it is (later make targets depend on `data`)
-                built_from = cache_fmt.validate_cache(out)["source"]["path"]
-                print(f"{out}: using the existing cache (built from {built_from}; PTBXL_DIR=... to check a source)")
-                return 0
-            except cache_fmt.CacheError:
-                pass
+        _remove_stale_temporaries(out)  # on every run: a no-op run must not keep a dead build's temporary folder
+        if not args.ptbxl_dir and not args.force and (out / "manifest.json").exists() and _use_existing(out):
+            return 0
         src = resolve_source(args.ptbxl_dir, args.sampling_rate, args.base_url).resolve()
         options = {"sampling_rate": args.sampling_rate, "folds": repr(folds), "strict": args.strict}
         fingerprint = source_fingerprint(src, args.sampling_rate, options)
-        if not args.force and (out / "manifest.json").exists():
-            try:
-                cache_fmt.validate_cache(out)
-                if read_json(out / "manifest.json").get("source", {}).get("fingerprint") == fingerprint:
-                    print(f"{out}: up to date (source and options unchanged)")
-                    return 0
-            except (cache_fmt.CacheError, ValueError):
-                pass
+        if not args.force and (out / "manifest.json").exists() and _up_to_date(out, fingerprint, src):
+            print(f"{out}: up to date (source and options unchanged)")
+            return 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
         manifest = build(src, out, args.sampling_rate, folds, args.strict, fingerprint)
     except (SourceError, cache_fmt.CacheError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.io import sha256_file, write_bytes_atomic
+from shared.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 
 DEFAULT_BASE_URL = "https://physionet.org/files/ptb-xl/1.0.3/"
 MANIFEST = "SHA256SUMS.txt"
@@ -284,6 +284,37 @@ def extract_zip_safely(zip_path: Path, dest: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final / inner
+
+
+EXTRACTED_STAMP = "extracted.json"
+
+
+def zip_identity(zip_path: Path) -> dict:
+    """The zip's path, size and mtime_ns — not its sha256: hashing the 1.7-3 GB PTB-XL zip takes seconds on every
+    `make train-*` (each depends on `make data`), the very cost the stamp avoids, while any rewrite or replacement
+    of the zip changes its size or mtime."""
+    st = zip_path.stat()
+    return {"zip": str(zip_path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def extract_zip_once(zip_path: Path, dest: Path) -> Path:
+    """extract_zip_safely, skipped while dest's stamp (written only after a complete extraction) still matches
+    the zip; returns the extracted folder that contains ptbxl_database.csv."""
+    zip_path, dest = Path(zip_path), Path(dest)
+    try:
+        identity = zip_identity(zip_path)
+    except OSError as e:
+        raise DownloadError(f"{zip_path}: cannot read zip ({e.strerror})") from None
+    try:
+        stamp = read_json(dest / EXTRACTED_STAMP)
+        if stamp["source"] == identity and (dest / stamp["folder"] / "ptbxl_database.csv").is_file():
+            return dest / stamp["folder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    (dest / EXTRACTED_STAMP).unlink(missing_ok=True)  # an extraction killed midway must not look complete
+    data = extract_zip_safely(zip_path, dest)
+    write_json_atomic(dest / EXTRACTED_STAMP, {"source": identity, "folder": data.relative_to(dest).as_posix()})
+    return data
 
 
 # --------------------------------------------------------------------------- CLI

@@ -42,6 +42,7 @@ from shared import metrics as M  # noqa: E402
 from shared.io import (first_line, library_versions, read_json, write_bytes_atomic, write_json_atomic,  # noqa: E402
                        write_text_atomic)
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
+from shared.thresholds import read_thresholds, thresholds_path, write_thresholds  # noqa: E402
 from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset  # noqa: E402
 
@@ -107,8 +108,10 @@ def result_dir(artifact_id: str, root: Path | None = None) -> Path:
 
 
 def is_fresh(item: dict) -> bool:
+    """Scored after the model file last changed, and its thresholds written beside it."""
     result = result_dir(item["id"]) / "result.json"
-    return result.exists() and result.stat().st_mtime > item["file"].stat().st_mtime
+    return (result.exists() and result.stat().st_mtime > item["file"].stat().st_mtime
+            and thresholds_path(item["path"], item["variant"]).exists())
 
 
 def load_artifact(path: Path, variant: str):
@@ -193,7 +196,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
         "artifact": item["id"], "run": item["run"], "variant": variant, "method": info.get("method", variant),
         "model": cfg["model"], "representation": cfg["representation"], "profile": cfg.get("profile"),
         "config": cfg.get("config", "default"), "path": str(path), "file": str(item["file"]),
-        "bytes": Path(item["file"]).stat().st_size, "classes": classes,
+        "bytes": art.artifact_bytes(item["file"]), "classes": classes,
         "thresholds": dict(zip(classes, map(float, thresholds))), "threshold_source": "validation fold, best F1 per class",
         "splits": {s: split_metrics(preds[s][1], preds[s][0], thresholds, classes, s in CI_SPLITS, n_boot, seed)
                    for s in preds},
@@ -213,6 +216,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
     out = result_dir(item["id"])
     out.mkdir(parents=True, exist_ok=True)
     _save_predictions(out / "predictions.npz", preds, cache, classes)
+    write_thresholds(path, thresholds, f"validation fold {cache.manifest['folds']['val']} of {cache.root}", variant)
     write_json_atomic(out / "result.json", result)
     return result
 
@@ -233,11 +237,11 @@ def _save_predictions(path: Path, preds: dict, cache, classes) -> None:
 # ------------------------------------------------------------------ one artifact on another folder
 def evaluate_on_folder(item: dict, folder: Path, folds: list[int] | None, ids: list[int] | None,
                        n_boot: int, seed: int) -> dict:
-    from shared.inference import ArrayDataset, load_ptbxl_folder, normalize
+    from shared.inference import ArrayDataset, load_ptbxl_folder, normalize, skipped_summary
 
     path, variant = Path(item["path"]), item["variant"]
     model, cfg, _ = load_artifact(path, variant)
-    thresholds = _validation_thresholds(item, model, cfg)
+    thresholds, threshold_source = _validation_thresholds(item, model, cfg)
     fs = cfg.get("sampling_rate", 100)
     x, y, ecg_ids, problems = load_ptbxl_folder(folder, fs, folds, ids)
     probs, labels = predict_dataset(model, ArrayDataset(normalize(x, cfg), y), InputAdapter(cfg, fs), chunk=64)
@@ -245,25 +249,29 @@ def evaluate_on_folder(item: dict, folder: Path, folds: list[int] | None, ids: l
 
     result = {"artifact": item["id"], "data": str(folder.resolve()), "folds": folds, "ecg_ids": ecg_ids,
               "skipped": problems, "thresholds": dict(zip(CLASSES, map(float, thresholds))),
+              "threshold_source": threshold_source,
               "metrics": split_metrics(labels, probs, thresholds, list(CLASSES), True, n_boot, seed),
               "probabilities": probs.round(5).tolist(), "versions": library_versions()}
     out = eval_dir() / "external" / folder.resolve().name / item["id"]
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "result.json", result)
+    if problems:  # else only the result file would tell that the metrics leave records out
+        print(f"{skipped_summary(problems, len(ecg_ids))} (listed in {out / 'result.json'})")
     return result
 
 
-def _validation_thresholds(item: dict, model, cfg) -> np.ndarray:
-    """The artifact's thresholds from its cache evaluation; computed from the validation fold if missing."""
-    stored = result_dir(item["id"]) / "result.json"
-    if stored.exists():
-        return np.asarray(list(read_json(stored)["thresholds"].values()))
+def _validation_thresholds(item: dict, model, cfg) -> tuple[np.ndarray, str]:
+    """The thresholds stored beside the artifact by eval-all; tuned on its validation fold now if it has none."""
+    stored, why = read_thresholds(item["path"], item["variant"])
+    if stored is not None:
+        return stored, why
     from shared.cache import open_cache
     from shared.dataset import ECGDataset
 
     cache = open_cache(cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
+    print(f"{why}; tuning them on the validation fold of {cache.root}", file=sys.stderr)
     probs, labels = predict_dataset(model, ECGDataset(cache, "val"), InputAdapter(cfg, cache.sampling_rate))
-    return M.tune_thresholds(labels, probs)
+    return M.tune_thresholds(labels, probs), f"tuned now on the validation fold of {cache.root}"
 
 
 # ------------------------------------------------------------------ tables

@@ -4,8 +4,9 @@
 RECORD is a WFDB record path without extension (e.g. ptbxl/records100/00000/00001_lr). Any sampling rate
 works: records are resampled to the model's rate, with a warning. ARTIFACT is a training run folder
 (artifacts/runs/<run>) or a variant folder (artifacts/compressed/<run>/<method>). Prints per-class
-probabilities and the labels at the per-class thresholds tuned on validation by `make eval-all` (0.5, with
-a warning, if the artifact has not been evaluated). Bad input → one line naming the file, exit status 2.
+probabilities and the labels at the per-class thresholds that `make eval-all` tuned on validation for this
+very model and stored beside it (thresholds.json; 0.5, with a warning, when it has none yet). A bad record →
+one line naming it; the other records are still diagnosed, and the exit status is 2 at the end.
 """
 from __future__ import annotations
 
@@ -27,23 +28,16 @@ from shared import artifacts as art  # noqa: E402
 from shared.inference import InputError, load_signal, normalization, normalize  # noqa: E402
 from shared.io import first_line, read_json  # noqa: E402
 from shared.labels import CLASSES  # noqa: E402
-from shared.paths import eval_dir  # noqa: E402
+from shared.thresholds import DEFAULT_THRESHOLD, read_thresholds  # noqa: E402
 from shared.training import InputAdapter  # noqa: E402
 
-DEFAULT_THRESHOLD = 0.5
-
-
-def artifact_id(path: Path) -> str:
-    return f"{path.parent.name}/{path.name}" if (path / "variant.json").exists() else f"{path.name}/fp32"
-
-
 def thresholds_for(path: Path) -> tuple[np.ndarray, str]:
-    result = eval_dir() / artifact_id(path) / "result.json"
-    if result.exists():
-        return np.asarray([read_json(result)["thresholds"][c] for c in CLASSES]), "validation (make eval-all)"
-    warnings.warn(f"{result}: not evaluated yet, using threshold {DEFAULT_THRESHOLD} for every class "
-                  "(run `make eval-all` for thresholds tuned on validation)", stacklevel=2)
-    return np.full(len(CLASSES), DEFAULT_THRESHOLD), "default 0.5"
+    """The thresholds stored beside this very model (shared/thresholds.py); 0.5 with a warning when it has none."""
+    stored, source = read_thresholds(path)
+    if stored is not None:
+        return stored, f"tuned on validation: {source}"
+    warnings.warn(f"{source}; using {DEFAULT_THRESHOLD} for every class", stacklevel=2)
+    return np.full(len(CLASSES), DEFAULT_THRESHOLD), f"default {DEFAULT_THRESHOLD}, none tuned for this model yet"
 
 
 class Predictor:
@@ -74,6 +68,33 @@ class Predictor:
         return torch.sigmoid(self.model(inputs).float()).reshape(n_win, -1).mean(0).numpy()
 
 
+def diagnose(predictor: Predictor, record: str) -> dict:
+    t0 = time.perf_counter()
+    probs = predictor.probabilities(record)
+    ms = (time.perf_counter() - t0) * 1e3
+    labels = [c for c, p, t in zip(CLASSES, probs, predictor.thresholds) if p >= t]
+    if not labels:  # as in evaluation: the top class when none passes its threshold
+        labels = [CLASSES[int(np.argmax(probs))]]
+    return {"record": str(record), "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
+            "labels": labels, "ms": round(ms, 2)}
+
+
+def print_results(args, predictor: Predictor, rows: list[dict], errors: list[dict]) -> None:
+    if args.json:
+        print(json.dumps({"model": str(args.model), "thresholds": dict(zip(CLASSES, predictor.thresholds.tolist())),
+                          "threshold_source": predictor.threshold_source, "predictions": rows, "errors": errors},
+                         indent=2))
+        return
+    if rows:
+        width = max(len(r["record"]) for r in rows)
+        print(f"{'record':<{width}}  " + "  ".join(f"{c:>5}" for c in CLASSES) + "  labels")
+        for r in rows:
+            print(f"{r['record']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:5.3f}" for c in CLASSES)
+                  + "  " + ",".join(r["labels"]))
+    print(f"thresholds ({predictor.threshold_source}): "
+          + ", ".join(f"{c} {t:.3f}" for c, t in zip(CLASSES, predictor.thresholds)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,34 +115,25 @@ def main(argv=None) -> int:
             warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             predictor = Predictor(args.model, compiled=args.compile)
-        rows = []
-        for record in args.records:
-            t0 = time.perf_counter()
-            probs = predictor.probabilities(record)
-            ms = (time.perf_counter() - t0) * 1e3
-            labels = [c for c, p, t in zip(CLASSES, probs, predictor.thresholds) if p >= t]
-            if not labels:  # as in evaluation: the top class when none passes its threshold
-                labels = [CLASSES[int(np.argmax(probs))]]
-            rows.append({"record": str(record), "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
-                         "labels": labels, "ms": round(ms, 2)})
     except InputError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps({"model": str(args.model), "thresholds": dict(zip(CLASSES, predictor.thresholds.tolist())),
-                          "threshold_source": predictor.threshold_source, "predictions": rows}, indent=2))
-    else:
-        width = max(len(r["record"]) for r in rows)
-        print(f"{'record':<{width}}  " + "  ".join(f"{c:>5}" for c in CLASSES) + "  labels")
-        for r in rows:
-            print(f"{r['record']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:5.3f}" for c in CLASSES)
-                  + "  " + ",".join(r["labels"]))
-        print(f"thresholds ({predictor.threshold_source}): "
-              + ", ".join(f"{c} {t:.3f}" for c, t in zip(CLASSES, predictor.thresholds)))
-    if args.timing:
+    rows, errors = [], []
+    for record in args.records:  # a bad record is reported and skipped; the good ones are still diagnosed
+        try:
+            rows.append(diagnose(predictor, record))
+        except InputError as e:
+            errors.append({"record": str(record), "error": first_line(e)})
+            print(f"error: {first_line(e)}", file=sys.stderr)
+    print_results(args, predictor, rows, errors)
+    if args.timing and rows:
         times = [r["ms"] for r in rows]
         print(f"per record (read + preprocess + model): median {np.median(times):.1f} ms, max {max(times):.1f} ms "
               f"over {len(times)} records, {torch.get_num_threads()} thread(s)", file=sys.stderr)
+    if errors:
+        if len(args.records) > 1:
+            print(f"error: {len(errors)} of {len(args.records)} records could not be read (above)", file=sys.stderr)
+        return 2
     return 0
 
 

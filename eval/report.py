@@ -23,7 +23,8 @@ if str(REPO) not in sys.path:
 
 from shared.io import first_line, library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
 from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir  # noqa: E402
-from shared.results import paired_test_difference, run_seed, test_predictions  # noqa: E402
+from shared.results import (COLLAPSE_AUC, DEPLOY_AUC_BUDGET, deploy_choice, paired_test_difference,  # noqa: E402
+                            run_seed, test_predictions)
 
 # Quoted, not measured here: test-fold (fold 10) macro AUC on the FULL PTB-XL, diagnostic superclasses,
 # from the PTB-XL benchmark leaderboard (Strodthoff et al., IEEE JBHI 2021, doi:10.1109/JBHI.2020.3022989;
@@ -218,6 +219,51 @@ def scatter_figure(results: list[dict]) -> bytes:
     return _png(fig)
 
 
+DEPLOY_SPEED = "throughput_b32_t1"
+
+
+def deploy_rows(results: list[dict]) -> list[list[str]]:
+    """Per run: the recommended deploy artifact (validation decides), its speed and size against the fp32
+    model of the same run, measured in the same eval-all, and the variants flagged for losing accuracy."""
+    rows = []
+    for run in sorted({r["run"] for r in results}):
+        c = deploy_choice([r for r in results if r["run"] == run and r["variant"] != "bf16"], DEPLOY_SPEED)
+        fp32, best = c["fp32"], c["recommended"]
+        if fp32 is None or best is None or not fp32.get("efficiency"):
+            continue
+        e, e0 = best["efficiency"], fp32["efficiency"]
+        flagged = ", ".join(f"{r['variant']} (−{c['val_loss'][r['artifact']]:.3f})" for r in c["flagged"]) or "none"
+        rows.append([run, best["variant"], f"{-c['val_loss'][best['artifact']]:+.4f}",
+                     f"{e[DEPLOY_SPEED] / e0[DEPLOY_SPEED]:.2f}×", f"{e0[LATENCY_KEY] / e[LATENCY_KEY]:.2f}×",
+                     f"{fp32['bytes'] / best['bytes']:.2f}×", fmt(best["splits"]["test"]["macro_auc"], ".4f"),
+                     fmt(fp32["splits"]["test"]["macro_auc"], ".4f"), flagged])
+    return rows
+
+
+def pareto_figure(results: list[dict]) -> bytes:
+    """Per family: validation macro AUC against batch-32 throughput (1 thread), marker area ∝ file size."""
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results if r.get("efficiency")})
+    cols = min(3, max(1, len(models)))
+    rows_n = (len(models) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        for r in (r for r in results if r["model"] == model and r.get("efficiency", {}).get(DEPLOY_SPEED)):
+            x, y = r["efficiency"][DEPLOY_SPEED], r["splits"]["val"]["macro_auc"]
+            ax.scatter(x, y, s=max(12, r["bytes"] / 1e6 * 8), alpha=0.6, edgecolor="k", linewidth=0.5,
+                       color="tab:red" if r["variant"] == "fp32" else "tab:blue")
+            ax.annotate(r["variant"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(title=model, xlabel="batch-32 windows/s, 1 thread (log)", ylabel="val macro AUC")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    fig.suptitle("Validation AUC vs CPU throughput per family (red: fp32; marker area ∝ file size)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def bars_figure(rows: list[dict], a: str, b: str, labels: tuple[str, str], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -238,6 +284,12 @@ def fmt(v, spec=".3f", empty="–"):
     return empty if v is None else format(v, spec)
 
 
+def _flagged(r: dict, results: list[dict]) -> bool:
+    """Loses more than COLLAPSE_AUC validation macro AUC against its run's fp32 model."""
+    fp32 = next((p for p in results if p["artifact"] == f"{r['run']}/fp32"), None)
+    return fp32 is not None and fp32["splits"]["val"]["macro_auc"] - r["splits"]["val"]["macro_auc"] > COLLAPSE_AUC
+
+
 def leaderboard(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["#", "artifact", "model", "input", "variant", "test macro AUC [95 % CI]", "val AUC", "test macro F1",
             "F2", "G2", "size MB", "non-zeros", "b1 latency ms (median / p95, 1 thread)", "b32 samples/s (2 threads)",
@@ -247,7 +299,8 @@ def leaderboard(results: list[dict]) -> tuple[list[str], list[list[str]]]:
         t, v = r["splits"]["test"], r["splits"]["val"]
         ci = t.get("ci", {}).get("macro_auc")
         e = r.get("efficiency", {})
-        rows.append([str(i), r["artifact"], r["model"], r["representation"], r["variant"],
+        variant = r["variant"] + (" ⚠ FLAGGED" if _flagged(r, results) else "")
+        rows.append([str(i), r["artifact"], r["model"], r["representation"], variant,
                      fmt(t["macro_auc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), fmt(v["macro_auc"]),
                      fmt(t["macro_f1"]), fmt(t["f_beta2"]), fmt(t["g_beta2"]), f"{r['bytes'] / 1e6:.2f}",
                      f"{r['nonzero_params']:,}",
@@ -294,7 +347,8 @@ def build(out: Path) -> tuple[Path, Path]:
     bf16_note = (f" bf16 twins of the runs: {bf16_skipped}." if bf16_skipped and
                  not any(r["variant"] == "bf16" for r in results) else "")
     ci_info = next((r["splits"]["test"] for r in results if "ci" in r["splits"]["test"]), {})
-    sections.append(("Leaderboard", f"Every artifact, sorted by test macro AUC. Thresholds for F1 / F2 / G2 are tuned "
+    sections.append(("Leaderboard", f"Every artifact, sorted by test macro AUC; ⚠ FLAGGED: loses more than "
+                     f"{COLLAPSE_AUC} validation macro AUC against its own fp32 model. Thresholds for F1 / F2 / G2 are tuned "
                      f"per class on the validation fold only. Intervals: {ci_info.get('ci_resamples', 'no')} bootstrap "
                      f"resamples of the test fold (seed {ci_info.get('ci_seed', '–')}), percentile 95 %. Latency and "
                      f"throughput measured on: {results[0].get('efficiency', {}).get('cpu', 'this CPU')}." + bf16_note,
@@ -308,6 +362,17 @@ def build(out: Path) -> tuple[Path, Path]:
     if any(r.get("efficiency") for r in results):
         sections.append(("Accuracy vs CPU latency", "Each point is an artifact; arrows go from a run's fp32 model to "
                          "its compressed variants.", [("figure", "auc_vs_latency.png", scatter_figure(results))]))
+
+    deploy = deploy_rows(results)
+    if deploy:
+        sections.append(("Deploy candidates", f"Per run, the recommended deploy artifact: the fastest at batch 32 on "
+                         f"one thread among those within {DEPLOY_AUC_BUDGET} validation macro AUC of the run's own fp32 "
+                         f"model (chosen on validation; test shown after, not used). Speed-ups and size are against "
+                         f"that fp32 PyTorch model, measured in the same eval-all on this CPU. Flagged: variants that "
+                         f"lose more than {COLLAPSE_AUC} validation macro AUC — never recommended.",
+                         [("table", ["run", "recommended", "Δ val AUC", "b32 throughput ×", "b1 latency ×",
+                                     "× smaller", "its test AUC", "fp32 test AUC", "flagged (Δ val)"], deploy),
+                          ("figure", "pareto.png", pareto_figure(results))]))
 
     ci_resamples = ci_info.get("ci_resamples") or 1000
     compressed, vs_ref = paired_against(results, REFERENCE_MODEL, ci_resamples)

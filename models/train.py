@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:
 from shared import config as config_mod  # noqa: E402
 from shared.cache import CacheError, open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import (library_versions, load_checkpoint, read_json, save_checkpoint, save_weights,  # noqa: E402
-                       write_json_atomic)
+from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load_weights, read_json,  # noqa: E402
+                       save_checkpoint, save_weights, write_json_atomic)
 from shared.nets import MODELS, architecture_kwargs, build_model, count_parameters  # noqa: E402
 from shared.paths import data_cache_dir, runs_dir  # noqa: E402
 from shared.training import InputAdapter, predict_batches, scores, train_step  # noqa: E402
@@ -226,8 +226,6 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         dist.barrier()
     result = {}
     if main_proc:
-        from shared.io import load_weights
-
         model.load_state_dict(load_weights(best_path))
         # the best epoch's pass saw these very weights: reuse it rather than score validation once more
         val_probs, val_labels = best_val or predict_batches(model, val_loader, adapter, device, amp)
@@ -302,44 +300,72 @@ def changed_keys(saved_config: Path, cfg: dict) -> list[str]:
     return sorted(k for k, v in cfg.items() if saved.get(k) != v and (k in saved or v not in ({}, [], None)))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = config_mod.parse_value(v.strip())
+def unusable_weights(out: Path) -> str | None:
+    """Why the run's best.safetensors cannot be loaded (None if it can): a file cut short by a full disk or a broken
+    copy must not pass for a trained model."""
     try:
-        cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
-    out = args.out or runs_dir() / run_name(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    changed = changed_keys(out / "config.json", {**cfg, "data": str(data_dir)})
+        load_weights(out / "best.safetensors")
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def existing_run(out: Path, cfg: dict, args) -> int | None:
+    """A finished run is kept (0), or refused (2) when its config changed or its weights do not load; an interrupted
+    one continues (sets args.resume). None: train."""
+    changed = changed_keys(out / "config.json", cfg)
     if not args.force and not args.resume:
         if (out / "metrics.json").exists():
             if changed:
-                print(f"error: {out}: trained with a different config ({', '.join(changed)} changed); "
-                      "--force to retrain it, or --out another folder", file=sys.stderr)
-                return 2
+                return refuse(f"{out}: trained with a different config ({', '.join(changed)} changed); "
+                              "--force to retrain it, or --out another folder")
+            problem = unusable_weights(out)
+            if problem:
+                return refuse(f"{problem}; --force to retrain the run")
             print(f"{out}: already trained (metrics.json exists; --force to retrain)")
             return 0
         # a killed run continues by itself; under torchrun each rank would decide alone, so there: --resume
         if (out / "last.pt").exists() and not changed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             print(f"{out}: continuing the interrupted run from last.pt (--force to start over)")
             args.resume = True
+    problem = unusable_weights(out) if args.resume and (out / "last.pt").exists() else None
+    if problem:  # found now, not after the remaining epochs, when training reloads the best weights
+        return refuse(f"{problem}; --force to start the run over")
+    return None
+
+
+def refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            return refuse(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = config_mod.parse_value(v.strip())
+    try:
+        cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        return refuse(str(e))
+    data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
+    out = args.out or runs_dir() / run_name(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    status = existing_run(out, {**cfg, "data": str(data_dir)}, args)
+    if status is not None:
+        return status
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "versions": library_versions(),
                                                 **training_normalization(data_dir)})
     try:
         result = train(cfg, out, data_dir, args.resume, progress=not args.no_progress)
     except (CacheError, NoFullBatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(str(e))
+    except UnsafeCheckpoint as e:  # last.pt, read to resume
+        return refuse(f"{e}; --force to start the run over")
     if result:
         print(f"{out.name}: val macro AUC {result['val']['macro_auc']:.4f}, test macro AUC "
               f"{result['test']['macro_auc']:.4f}, {result['train_seconds']:.0f} s, "

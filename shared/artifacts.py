@@ -7,7 +7,9 @@ A variant folder holds `variant.json` (what was done, and which run it came from
   dynamic  int8.safetensors: int8 Linear weights with their scales, other tensors as they were
   static / qat   model.pt2: an exported int8 program (PT2E, X86 inductor quantizer); model.x86.pt2 beside it
                  is its AOTInductor build for this machine's CPU (a cache, rebuilt when stale: load_compiled)
-  onnx_fp32 / onnx_int8   model.onnx, run by ONNX Runtime (eval/export_onnx.py, shared/onnx_model.py)
+  onnx_fp32 / onnx_int8   model.onnx, run by ONNX Runtime (compression/export_onnx.py, shared/onnx_model.py)
+  openvino_fp32 / openvino_int8   model.xml + model.bin, an OpenVINO IR (NNCF int8), run by OpenVINO
+                 (compression/openvino_export.py, shared/openvino_model.py)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from shared import trust
 from shared.io import first_line, load_weights, read_json, save_weights, sha256_file
 from shared.nets import architecture_kwargs, build_model
 from shared.paths import runs_dir
@@ -204,6 +207,9 @@ def deflate_zip(archive: bytes) -> bytes:
 def _load_program(path: Path):
     import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  registers the quantized_decomposed ops
 
+    from shared.safe_pt2 import check_archive
+
+    check_archive(path)  # torch.export.load would unpickle and evaluate what a crafted archive holds
     try:
         return torch.export.load(str(path))
     except Exception as e:
@@ -302,7 +308,11 @@ def build_compiled(variant_dir: Path, artifact: str = "model.pt2") -> Path:
         (tmp / COMPILED_FILE).replace(variant_dir / COMPILED_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_json_atomic(variant_dir / COMPILED_STAMP, {**_compiled_stamp(source), "seconds": round(time.time() - t0, 1)})
+    stamp = _compiled_stamp(source)
+    package_sha = sha256_file(variant_dir / COMPILED_FILE)
+    write_json_atomic(variant_dir / COMPILED_STAMP, {**stamp, "seconds": round(time.time() - t0, 1),
+                                                     "package_sha256": package_sha,
+                                                     "hmac": trust.sign(package_sha, _stamp_context(stamp))})
     return variant_dir / COMPILED_FILE
 
 
@@ -326,12 +336,24 @@ def load_compiled(variant_dir: Path, artifact: str = "model.pt2"):
         raise ValueError(f"{package}: freshly built, yet it does not load ({type(e).__name__}: {first_line(e)})") from e
 
 
+def _stamp_context(stamp: dict) -> str:
+    return json.dumps(stamp, sort_keys=True)
+
+
 def compiled_is_current(variant_dir: Path, artifact: str = "model.pt2") -> bool:
-    stamp_path = variant_dir / COMPILED_STAMP
-    if not (variant_dir / COMPILED_FILE).exists() or not stamp_path.exists():
+    """Built from this model.pt2 for this torch and CPU, and by this user on this machine: the stamp's HMAC
+    (shared/trust.py) matches the package's bytes. A package copied in from elsewhere is rebuilt, not loaded."""
+    stamp_path, package = variant_dir / COMPILED_STAMP, variant_dir / COMPILED_FILE
+    if not package.exists() or not stamp_path.exists():
         return False
-    stamp = read_json(stamp_path)
-    return all(stamp.get(k) == v for k, v in _compiled_stamp(variant_dir / artifact).items())
+    try:
+        stamp = read_json(stamp_path)
+    except ValueError:
+        return False
+    expected = _compiled_stamp(variant_dir / artifact)
+    if any(stamp.get(k) != v for k, v in expected.items()):
+        return False
+    return trust.verify(sha256_file(package), stamp.get("hmac"), _stamp_context(expected))
 
 
 # ------------------------------------------------------------------ any variant
@@ -368,7 +390,18 @@ def load_variant(variant_dir: str | Path, compiled: bool = False) -> tuple[nn.Mo
         from shared.onnx_model import OnnxModel
 
         return OnnxModel(variant_dir / info["artifact"]), cfg, info
+    if method in ("openvino_fp32", "openvino_int8"):
+        from shared.openvino_model import OpenVinoModel
+
+        return OpenVinoModel(variant_dir / info["artifact"]), cfg, info
     raise ValueError(f"{variant_dir / 'variant.json'}: unknown method {method!r}")
+
+
+def artifact_bytes(file: str | Path) -> int:
+    """Bytes on disk of a model file, with the weights an OpenVINO IR keeps beside its XML."""
+    file = Path(file)
+    weights = file.with_suffix(".bin") if file.suffix == ".xml" else None
+    return file.stat().st_size + (weights.stat().st_size if weights and weights.exists() else 0)
 
 
 def nonzero_parameters(state_dict: dict) -> tuple[int, int]:

@@ -5,6 +5,7 @@ Layout of artifacts/data/ptbxl-<fs>hz/ (written to a temporary folder, renamed i
   labels.npy    N×5 uint8 multi-hot, columns in shared.labels.CLASSES order
   meta.csv      ecg_id, patient_id, age, sex, strat_fold, split, labels
   manifest.json source, options, counts, train-only per-lead normalization, checksums, versions
+  verified.json each file's (size, mtime, ctime, inode) when its sha256 last matched the manifest's
 """
 from __future__ import annotations
 
@@ -14,15 +15,25 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.io import read_json
+from shared.io import read_json, sha256_file, write_json_atomic
 
 FORMAT = "ptbxl-cache"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+VERIFIED = "verified.json"
 
 
 class CacheError(RuntimeError):
     pass
+
+
+class CacheCorrupt(CacheError):
+    """A complete cache whose files no longer match its manifest: rebuilding, not downloading, is the fix.
+    `path` and `problem` let `make data` name its own fix instead of the generic one."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}; rerun `make data`")
 
 
 @dataclass
@@ -68,11 +79,73 @@ def validate_cache(root: Path) -> dict:
     for name, info in manifest["files"].items():
         path = root / name
         if not path.exists():
-            raise CacheError(f"{path}: missing from the cache; rerun `make data`")
+            raise CacheCorrupt(path, "missing from the cache")
         if path.stat().st_size != info["bytes"]:
-            raise CacheError(f"{path}: size {path.stat().st_size} differs from the manifest's {info['bytes']}; "
-                             f"rerun `make data`")
+            raise CacheCorrupt(path, f"size {path.stat().st_size} differs from the manifest's {info['bytes']}")
     return manifest
+
+
+def file_identity(path: Path) -> list[int]:
+    """What any write or replacement changes: size, mtime, ctime (which no tool can set back) and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def record_verified(root: Path, names) -> None:
+    """Remember the files as they are now, known to match the manifest; a read-only cache just stays unrecorded."""
+    try:
+        write_json_atomic(root / VERIFIED, {name: file_identity(root / name) for name in names})
+    except OSError:
+        pass
+
+
+def verify_cache(root: Path) -> dict:
+    """validate_cache plus every file's sha256 against the manifest's; a file is hashed only when its identity
+    differs from the one recorded when it last matched, so a no-op `make data` need not read 1-5 GB, yet an edit
+    in place (same size, new mtime and ctime) is still caught."""
+    manifest = validate_cache(root)
+    try:
+        verified = read_json(root / VERIFIED)
+    except (OSError, ValueError):
+        verified = None
+    verified = verified if isinstance(verified, dict) else {}
+    files = manifest["files"]
+    unverified = [n for n in files if verified.get(n) != file_identity(root / n)]
+    if not unverified:
+        return manifest
+    identities = {n: file_identity(root / n) for n in unverified}  # before hashing: a write meanwhile shows next time
+    for name in unverified:
+        info, path = files[name], root / name
+        if "data_sha256" in info:
+            key, digest = "data_sha256", _npy_data_sha256(path, manifest)
+        else:
+            key, digest = "sha256", sha256_file(path)
+        if digest != info.get(key):
+            raise CacheCorrupt(path, f"contents differ from manifest.json's {key} (corrupted or edited)")
+    if identities == {n: file_identity(root / n) for n in unverified}:
+        record_verified(root, files)
+    return manifest
+
+
+def _npy_data_sha256(path: Path, manifest: dict, chunk: int = 1 << 22) -> str:
+    """sha256 of the array bytes after the .npy header (what the build hashes while it writes); the header,
+    outside that hash, must give the manifest's shape."""
+    import hashlib
+
+    expected = (manifest["counts"]["kept"], len(manifest["leads"]), manifest["n_samples"])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        try:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+        except ValueError as e:
+            raise CacheCorrupt(path, f"not a .npy file ({e})") from None
+        if (shape, fortran, dtype) != (expected, False, np.dtype("<f4")):
+            raise CacheCorrupt(path, f".npy header says {dtype} {shape}, not the manifest's float32 {expected}")
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def open_cache(root: str | os.PathLike) -> ECGCache:

@@ -10,6 +10,11 @@ from shared.paths import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "models" / "configs"
 PROFILES = ("quick", "cpu", "full")
+# The inputs each family's architecture takes (shared.nets.build_model refuses the others). Here, not in
+# shared.nets, so that a mistyped --representation fails before torch is imported or a run folder is made.
+_TRANSFORMER, _CNN, _1D = ("seed", "rows", "leads"), ("seed", "rows", "strip"), ("signal",)
+MODEL_REPRESENTATIONS = {"vit": _TRANSFORMER, "deit": _TRANSFORMER, "effnetv2": _CNN, "convnext": _CNN,
+                         "resnet1d_wang": _1D, "xresnet1d101": _1D, "xresnet1d50": _1D, "xresnet1d_small": _1D}
 
 
 def config_path(model: str) -> Path:
@@ -83,9 +88,16 @@ def resolve(model: str, profile: str = "cpu", representation: str | None = None,
     elif config != "default":
         tuned = tomllib.loads(Path(config).read_text())
     rep = representation or tuned.get("representation") or cfg["representation"]
+    check_representation(model, rep)
     cfg.update(reps.get(rep, {}))
     cfg.update(profiles.get(profile, {}))
     cfg.update(tuned)
     cfg.update(overrides or {})
     cfg.update(model=model, representation=rep, profile=profile, config=config)
     return cfg
+
+
+def check_representation(model: str, representation: str) -> None:
+    valid = MODEL_REPRESENTATIONS.get(model)
+    if valid is not None and representation not in valid:
+        raise ValueError(f"representation {representation!r} does not fit {model}; choose from {', '.join(valid)}")

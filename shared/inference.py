@@ -13,8 +13,17 @@ import torch
 from shared.records import RecordError, read_record
 
 
+TRAINED_SECONDS = 10.0  # every PTB-XL record, and so every training input, is 10 s long
+
+
 class InputError(ValueError):
-    """Input a model cannot score; the message is one line naming the file and the problem."""
+    """Input a model cannot score; the message is one line naming the file and the problem.
+
+    `kind` groups problems for the counts of skipped records (as RecordError's do in the data manifest)."""
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def normalization(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -48,17 +57,23 @@ def resample(signal: np.ndarray, fs_from: float, fs_to: float) -> np.ndarray:
     return resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
 
 
-def load_signal(path: str | Path, sampling_rate: int, min_seconds: float) -> np.ndarray:
-    """One record (path without extension) as 12×T float32 mV at `sampling_rate`; warns when resampling."""
+def load_signal(path: str | Path, sampling_rate: int, min_seconds: float,
+                expected_fs: float | None = None) -> np.ndarray:
+    """One record (path without extension) as 12×T float32 mV at `sampling_rate`; warns when resampling and when
+    the record is shorter than the training records. `expected_fs`: refuse any other rate instead of resampling."""
     path = Path(path)
     if path.suffix in (".hea", ".dat"):
         path = path.with_suffix("")
     try:
-        signal, fs = read_record(path, expected_seconds=None)
+        signal, fs = read_record(path, expected_fs=expected_fs, expected_seconds=None)
     except RecordError as e:
-        raise InputError(str(e)) from None
+        raise InputError(str(e), e.kind) from None
+    seconds = signal.shape[1] / fs
     if signal.shape[1] < min_seconds * fs:
-        raise InputError(f"{path}: {signal.shape[1] / fs:.2f} s long, the model needs at least {min_seconds:g} s")
+        raise InputError(f"{path}: {seconds:.2f} s long, the model needs at least {min_seconds:g} s", "too_short")
+    if seconds < TRAINED_SECONDS - 1e-9:
+        warnings.warn(f"{path}: {seconds:.1f} s long; the models were trained on {TRAINED_SECONDS:g} s records, "
+                      "results may be less reliable", stacklevel=2)
     if abs(fs - sampling_rate) > 1e-6:
         warnings.warn(f"{path}: resampling {fs:g} Hz → {sampling_rate} Hz for the model", stacklevel=2)
         signal = resample(signal, fs, sampling_rate)
@@ -99,10 +114,12 @@ def fit_length(signals: list[np.ndarray], n_samples: int) -> np.ndarray:
 
 
 def load_ptbxl_folder(folder: str | Path, sampling_rate: int, folds: list[int] | None = None,
-                      ecg_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+                      ecg_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int], list[dict]]:
     """Records of any folder in PhysioNet's PTB-XL layout (ptbxl_database.csv, scp_statements.csv,
     records100/ or records500/): (raw N×12×T at `sampling_rate`, labels N×5, ecg_ids, problems).
-    Records without a diagnostic class are dropped, as in training; unreadable ones are listed in problems."""
+    As in training, only the records of `sampling_rate` are read (a record of another rate, or missing at this one,
+    would be scored on other input than the cache's) and records without a diagnostic class are dropped. The
+    records that cannot be used are listed in problems as {ecg_id, kind, message}, as in the data manifest."""
     import csv
 
     from shared.labels import LabelError, diagnostic_classes, multi_hot, parse_scp_codes, read_statements
@@ -117,34 +134,50 @@ def load_ptbxl_folder(folder: str | Path, sampling_rate: int, folds: list[int] |
     want_ids = set(int(i) for i in ecg_ids) if ecg_ids else None
     signals, classes, ids, problems = [], [], [], []
     for r in rows:
-        try:
-            ecg_id = int(float(r["ecg_id"]))
-            fold = int(float(r["strat_fold"])) if r.get("strat_fold") else None
-        except (KeyError, ValueError):
-            raise InputError(f"{db}: row {r.get('ecg_id')!r} lacks a numeric ecg_id/strat_fold") from None
+        ecg_id, fold = _row_id_and_fold(db, r)
         if (want_ids is not None and ecg_id not in want_ids) or (folds and fold not in folds):
             continue
         try:
             cls = diagnostic_classes(parse_scp_codes(r["scp_codes"]), known, mapping)
+            signal = _row_signal(folder, db, r, sampling_rate) if cls else None
         except LabelError as e:
-            problems.append(f"{db} ecg_id {ecg_id}: {e}")
+            problems.append({"ecg_id": ecg_id, "kind": "bad_scp_codes", "message": f"{db} ecg_id {ecg_id}: {e}"})
             continue
-        if not cls:
-            continue
-        own = "filename_lr" if sampling_rate == 100 else "filename_hr"
-        other = "filename_hr" if own == "filename_lr" else "filename_lr"
-        path = folder / r.get(own, "")
-        if not (r.get(own) and path.with_name(path.name + ".hea").exists()) and r.get(other):
-            path = folder / r[other]  # only the other rate is present: resample it
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                signals.append(load_signal(path, sampling_rate, min_seconds=10.0))
         except InputError as e:
-            problems.append(str(e))
+            problems.append({"ecg_id": ecg_id, "kind": e.kind, "message": str(e)})
             continue
-        classes.append(cls)
-        ids.append(ecg_id)
+        if signal is not None:
+            signals.append(signal)
+            classes.append(cls)
+            ids.append(ecg_id)
     if not signals:
-        raise InputError(f"{folder}: no readable labelled records" + (f" ({problems[0]} …)" if problems else ""))
+        raise InputError(f"{folder}: no readable labelled records"
+                         + (f" ({problems[0]['message']} …)" if problems else ""))
     return fit_length(signals, 10 * sampling_rate), multi_hot(classes), ids, problems
+
+
+def _row_id_and_fold(db: Path, row: dict) -> tuple[int, int | None]:
+    try:
+        return int(float(row["ecg_id"])), int(float(row["strat_fold"])) if row.get("strat_fold") else None
+    except (KeyError, ValueError):
+        raise InputError(f"{db}: row {row.get('ecg_id')!r} lacks a numeric ecg_id/strat_fold") from None
+
+
+def _row_signal(folder: Path, db: Path, row: dict, sampling_rate: int) -> np.ndarray:
+    column = "filename_lr" if sampling_rate == 100 else "filename_hr"
+    if not row.get(column):
+        raise InputError(f"{db} ecg_id {row['ecg_id']}: no {column}", "missing_file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_signal(folder / row[column], sampling_rate, min_seconds=TRAINED_SECONDS, expected_fs=sampling_rate)
+
+
+def skipped_summary(problems: list[dict], n_read: int) -> str:
+    """'skipped 3 of 320 records: 2 unreadable, 1 too_short' ('' when none was): the console's share of the list
+    the result file keeps."""
+    from collections import Counter
+
+    if not problems:
+        return ""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(p["kind"] for p in problems).most_common())
+    return f"skipped {len(problems)} of {len(problems) + n_read} records: {kinds}"

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -114,10 +115,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpoint(f"{path}: refused — it is not a plain-weights checkpoint ({first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UnsafeCheckpoint(f"{path}: not a readable checkpoint ({first_line(e)})") from None
+    except Exception as e:  # a damaged file fails anywhere in the unpickler: KeyError, EOFError, UnpicklingError, …
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if code:
+            raise UnsafeCheckpoint(f"{path}: refused — it would load the Python object {code[1]}, "
+                                   "not only weights") from None
+        raise UnsafeCheckpoint(f"{path}: damaged or not a checkpoint ({_torch_load_reason(e)})") from None
+
+
+def _torch_load_reason(e: BaseException) -> str:
+    """torch.load's reason in a few words: its messages run on for paragraphs of advice that does not apply here
+    (re-run with weights_only=False), so their first line alone stops mid-sentence."""
+    text = str(e).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    reason = (detail[1] if detail else text.split("\n")[0]).split(". ")[0].rstrip(". ")[:300]
+    if detail or isinstance(e, (RuntimeError, OSError)):
+        return reason
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict | None = None) -> None:
@@ -138,7 +152,7 @@ def load_weights(path: str | os.PathLike) -> dict:
     try:
         return load_file(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        raise ValueError(f"{path}: damaged or not a safetensors file ({first_line(e)})") from None
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

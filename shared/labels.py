@@ -16,6 +16,9 @@ CLASSES: tuple[str, ...] = ("NORM", "MI", "STTC", "CD", "HYP")
 STATEMENT_COLUMNS = ("diagnostic", "diagnostic_class")
 DATABASE_COLUMNS = ("ecg_id", "patient_id", "age", "sex", "scp_codes", "strat_fold", "filename_lr",
                     "filename_hr")
+# The longest scp_codes in PTB-XL is ~110 characters; a cell 100x that is no code list, and parsing it
+# would only cost time and memory.
+MAX_SCP_CODES_CHARS = 10_000
 
 
 class LabelError(ValueError):
@@ -58,14 +61,28 @@ def read_statements(path: str | Path):
 
 
 def parse_scp_codes(text: str) -> dict[str, float]:
-    """`scp_codes` is a Python dict literal in ptbxl_database.csv; parse it without eval."""
+    """`scp_codes` is a Python dict literal in ptbxl_database.csv; parse it without eval.
+
+    Python's parser recurses on nesting (`-` * 5000 raises RecursionError, longer runs MemoryError), so one
+    hostile cell could stop the whole build: those and over-long cells are a LabelError like any bad cell.
+    """
+    if not isinstance(text, str):
+        raise LabelError(f"scp_codes is not text: {_excerpt(text)}")
+    if len(text) > MAX_SCP_CODES_CHARS:
+        raise LabelError(f"scp_codes is {len(text)} characters long (limit {MAX_SCP_CODES_CHARS}): {_excerpt(text)}")
     try:
         codes = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise LabelError(f"scp_codes is not a dict literal: {text!r}") from None
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        raise LabelError(f"scp_codes is not a dict literal: {_excerpt(text)}") from None
     if not isinstance(codes, dict):
-        raise LabelError(f"scp_codes is not a dict: {text!r}")
+        raise LabelError(f"scp_codes is not a dict: {_excerpt(text)}")
     return codes
+
+
+def _excerpt(text, limit: int = 120) -> str:
+    """The start of a bad cell: the message goes on one line and into the manifest, whatever the cell's size."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(text)} characters)"
 
 
 def diagnostic_classes(codes: dict, known_codes: set[str], diagnostic_map: dict[str, str]) -> list[str]:

@@ -14,6 +14,30 @@ import torch
 from shared.io import first_line
 
 GRAPH_OPTIMIZATION = "all"     # disable | basic | extended | all (ORT's GraphOptimizationLevel)
+# Operator sets ONNX Runtime implements itself; another domain would need a custom-op library loaded into the
+# process (native code), which this project never registers.
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+def check_model(path: Path) -> None:
+    """An ONNX file is a protobuf graph of standard operators: nothing in it runs Python. Refuse the two things
+    that would reach outside it — weights in external files (read from paths the file names) and operators of
+    a custom domain — with one line naming the file."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
+    graphs = [model.graph] + list(model.functions)
+    allowed = set(STANDARD_DOMAINS) | {f.domain for f in model.functions}  # functions defined in the file itself
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"{path}: refused to load: initializer {t.name!r} is read from an external file")
+    for g in graphs:
+        for node in g.node:
+            if node.domain not in allowed:
+                raise ValueError(f"{path}: refused to load: operator {node.op_type!r} of custom domain {node.domain!r}")
 
 
 def session_options(threads: int, optimization: str = GRAPH_OPTIMIZATION):
@@ -39,6 +63,7 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: ONNX model not found")
+        check_model(self.path)
         self.threads = threads
         self.optimization = optimization
         self._sessions: dict[int, object] = {}

@@ -94,7 +94,7 @@ def read_record(path_without_ext: str | Path, expected_fs: float | None = None,
     hea = base.with_name(base.name + ".hea")
     h = parse_header(hea)
     if expected_fs is not None and abs(h.fs - expected_fs) > 1e-6:
-        raise RecordError(f"{hea}: sampling rate {h.fs:g} Hz, expected {expected_fs:g} Hz", "bad_header")
+        raise RecordError(f"{hea}: sampling rate {h.fs:g} Hz, expected {expected_fs:g} Hz", "wrong_sampling_rate")
     if h.n_sig != len(LEADS):
         raise RecordError(f"{hea}: {h.n_sig} leads, expected {len(LEADS)}", "bad_header")
     if expected_seconds is not None and h.sig_len != round(expected_seconds * h.fs):

@@ -144,3 +144,17 @@ def predict_dataset(model, dataset, adapter: InputAdapter, chunk: int = CPU_WIND
         outs.append(torch.sigmoid(model(part).float())[:n])
     probs = torch.cat(outs).reshape(len(x), n_win, -1).mean(dim=1)
     return probs.numpy(), y.numpy()
+
+
+def calibration_inputs(cache, adapter: InputAdapter, cfg: dict, batches: int):
+    """The int8 calibration set every post-training quantizer sees (PT2E static, OpenVINO/NNCF): `batches`
+    shuffled training batches, one random training-style crop per record, from fixed seeds — so two int8
+    methods of one run are calibrated on exactly the same inputs."""
+    from shared.dataset import ECGDataset, make_loader
+
+    loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 31)
+    gen = torch.Generator().manual_seed(cfg["seed"] + 37)
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            return
+        yield adapter.train_input(x, gen)

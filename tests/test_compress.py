@@ -166,7 +166,7 @@ def test_a_package_that_cannot_be_built_is_one_line_naming_the_program_and_leave
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
 
 
-@pytest.mark.parametrize("module", ["compression.compress", "eval.export_onnx"])
+@pytest.mark.parametrize("module", ["compression.compress", "compression.export_onnx"])
 def test_missing_run_is_one_line_naming_the_folder(module, tmp_path):
     r = run_module(module, "--model", "convnext", "--profile", "cpu", env={"ARTIFACTS": str(tmp_path)})
     assert r.returncode == 2

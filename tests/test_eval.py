@@ -215,7 +215,7 @@ def test_predict_real_records_table_and_json(scored, sample_dir):
     r = run_module("eval.predict", *recs, "--model", run, "--json", env=env)
     assert r.returncode == 0, r.stderr[-1000:]
     out = json.loads(r.stdout)
-    assert len(out["predictions"]) == 2 and out["threshold_source"].startswith("validation")
+    assert len(out["predictions"]) == 2 and out["threshold_source"].startswith("tuned on validation")
     for p in out["predictions"]:
         assert set(p["probabilities"]) == {"NORM", "MI", "STTC", "CD", "HYP"} and p["labels"]
     assert "resampling 500 Hz → 100 Hz" in r.stderr

@@ -18,7 +18,7 @@ from shared.onnx_model import OnnxModel
 from shared.training import InputAdapter
 
 def _export(run, sample_cache, base):
-    proc = run_module("eval.export_onnx", "--run", run, "--data", sample_cache, "--out", base / "compressed",
+    proc = run_module("compression.export_onnx", "--run", run, "--data", sample_cache, "--out", base / "compressed",
                       "--calibration-batches", "1", check=True)
     return run, base / "compressed" / run.name, proc
 
@@ -94,7 +94,7 @@ def test_int8_onnx_is_close_to_fp32_and_smaller(exported, sample_cache):
 
 def test_static_qdq_forced_on_transformer(exported_vit, sample_cache, tmp_path):
     """--int8 static on vit: the QDQ path (calibrated on training records) also stays close to fp32."""
-    from eval.export_onnx import quantize_int8
+    from compression.export_onnx import quantize_int8
 
     run, root, _ = exported_vit
     _, cfg = art.load_run(run)
@@ -132,13 +132,13 @@ def test_variants_load_in_fresh_process_and_match(exported, sample_cache, tmp_pa
 def test_rerun_skips_finished_variants(exported, sample_cache):
     run, root, _ = exported
     mtimes = {v: (root / v / "model.onnx").stat().st_mtime_ns for v in ("onnx_fp32", "onnx_int8")}
-    again = run_module("eval.export_onnx", "--run", run, "--data", sample_cache, "--out", root.parent, check=True)
+    again = run_module("compression.export_onnx", "--run", run, "--data", sample_cache, "--out", root.parent, check=True)
     assert again.stdout.count("done already") == 2
     assert mtimes == {v: (root / v / "model.onnx").stat().st_mtime_ns for v in mtimes}
 
 
 def test_best_picks_highest_val_auc(tmp_path):
-    from eval.export_onnx import best_run
+    from compression.export_onnx import best_run
 
     for name, auc in (("a-leads-cpu", 0.8), ("b-rows-cpu", 0.9), ("c-rows-quick", 0.99), ("d-rows-cpu", None)):
         run = tmp_path / name

@@ -37,15 +37,20 @@ def run_make(tmp_path: Path, *args: str, fail_on: str = "") -> tuple[int, list[s
 def test_make_all_runs_the_stages_in_order_with_models_two_at_a_time_on_one_thread_each(tmp_path):
     rc, calls = run_make(tmp_path, "all", "JOBS=2", "NPROC=2", "PTBXL_DIR=/data")
     assert rc == 0
-    stages = [next(m for m in ("build_cache", "models.train", "models.summarize", "compression.compress",
-                               "eval.evaluate", "eval.report") if m in c) for c in calls]
+    compression = ("compression.compress", "compression.export_onnx", "compression.openvino_export")
+    stages = [next(s for m, s in [("build_cache",) * 2, ("models.train",) * 2, ("models.summarize",) * 2,
+                                  *((m, "compress-all") for m in compression), ("eval.evaluate",) * 2,
+                                  ("eval.report",) * 2] if m in c) for c in calls]
     assert stages[0] == "build_cache" and stages.count("build_cache") == 1  # later stages skip the cache check
     order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
-    assert order == ["build_cache", "models.train", "models.summarize", "compression.compress", "eval.evaluate",
+    assert order == ["build_cache", "models.train", "models.summarize", "compress-all", "eval.evaluate",
                      "eval.report"]
     trains = [c for c in calls if "models.train" in c]
     assert len(trains) == 6 and all(c.startswith("OMP=1 ") for c in trains)
     assert sum("compression.compress" in c for c in calls) == 12  # prune + quantize of six models
+    assert sum("compression.export_onnx" in c for c in calls) == 6  # ONNX Runtime fp32 + int8
+    assert sum("compression.openvino_export" in c for c in calls) == 6  # OpenVINO fp32 + NNCF int8
+    assert all(c.startswith("OMP=1 ") for c in calls if "compression." in c)  # two jobs, one thread each
     assert all(c.startswith("OMP=unset ") for c in calls if "eval." in c)  # timing runs on every core, alone
 
 

@@ -1,5 +1,5 @@
 """Export a trained run to ONNX and to an ONNX Runtime int8 model:
-`python -m eval.export_onnx --run artifacts/runs/vit-leads-cpu` (or --model vit --profile cpu, or --best).
+`python -m compression.export_onnx --run artifacts/runs/vit-leads-cpu` (or --model vit --profile cpu, or --best).
 
 Variants (each in artifacts/compressed/<run>/<variant>/ with model.onnx, variant.json, metrics.json):
   onnx_fp32  the fp32 network, exported with torch.onnx.export(dynamo=True) — the TorchScript exporter
@@ -43,6 +43,7 @@ from shared.dataset import ECGDataset, make_loader  # noqa: E402
 from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic  # noqa: E402
 from shared.nets import MODELS  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.results import check_against_parent  # noqa: E402
 from shared.training import InputAdapter, validation_scores  # noqa: E402
 
 # Knobs
@@ -342,6 +343,7 @@ def _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, ad
         if change < -AUC_WARN:
             print(f"warning: {run_dir.name}/onnx_int8 loses {-change:.4f} val macro AUC against onnx_fp32 "
                   f"(more than {AUC_WARN}); try --int8 dynamic, or keep this model in fp32", file=sys.stderr)
+    check_against_parent(metrics, run_dir, f"{run_dir.name}/{variant}")
     write_json_atomic(out / "metrics.json", metrics)
     print(f"{run_dir.name}/{variant}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
           f"{metrics['artifact_bytes'] / 1e6:.2f} MB "
@@ -383,7 +385,7 @@ def best_run(profile: str, root: Path | None = None) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.export_onnx", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m compression.export_onnx", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="a training run folder (artifacts/runs/<run>)")

@@ -1,0 +1,235 @@
+"""OpenVINO IR and NNCF int8 of a trained run: `python -m compression.openvino_export --model vit`
+(`make export-openvino-<model>`; part of `make compress-all`).
+
+Variants (each in artifacts/compressed/<run>/<variant>/ with model.xml + model.bin, variant.json, metrics.json):
+  openvino_fp32  the fp32 network converted straight from PyTorch (openvino.convert_model), batch axis dynamic;
+                 kept only if its outputs match PyTorch's within EXPORT_TOLERANCE on real validation windows.
+  openvino_int8  nncf.quantize (post-training, DEFAULT preset; model_type TRANSFORMER for vit/deit) of the fp32
+                 IR, calibrated on the same training inputs as PT2E static int8 (shared.training.
+                 calibration_inputs). When it loses more than AUC_BUDGET val macro AUC against openvino_fp32,
+                 nncf.quantize_with_accuracy_control reverts the most harmful layers to fp32 until the loss is
+                 within the budget (on validation only) — both figures go into metrics.json.
+Scored on the validation fold only (eval-all reads test once). A finished variant of the run's present
+checkpoint is skipped unless --force. Loading an IR runs no Python code (shared/openvino_model.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared import artifacts as art
+from shared.cache import open_cache
+from shared.dataset import ECGDataset
+from shared.io import first_line, library_versions, read_json, write_json_atomic
+from shared.nets import MODELS, TRANSFORMERS
+from shared.paths import compressed_dir, data_cache_dir, runs_dir
+from shared.results import check_against_parent
+from shared.training import InputAdapter, calibration_inputs, validation_scores
+
+# Knobs
+VARIANTS = ("openvino_fp32", "openvino_int8")
+EXPORT_TOLERANCE = 1e-4         # max |logit difference| vs PyTorch the fp32 IR must meet
+CALIBRATION_BATCHES = 16        # as PT2E static int8 (compression/compress.py)
+QUICK_MAX_BATCHES = 3
+AUC_BUDGET = 0.005              # int8 may lose at most this much val macro AUC before accuracy control runs
+COMPARE_RECORDS = 16            # val records for the fp32 check and max_abs_diff_vs_torch
+EVAL_CHUNK = 256
+
+warnings.filterwarnings("ignore", category=UserWarning)   # includes torch.jit's TracerWarning (the converter traces)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class ExportFailed(RuntimeError):
+    pass
+
+
+def val_windows(cache, adapter: InputAdapter, records: int = COMPARE_RECORDS) -> torch.Tensor:
+    ds = ECGDataset(cache, "val")
+    x, _ = ds.__getitems__(range(min(records, len(ds))))
+    return adapter.eval_inputs(x)[0]
+
+
+def convert_fp32(model: torch.nn.Module, compare: torch.Tensor, out: Path) -> dict:
+    import openvino as ov
+
+    shape = [-1, *compare.shape[1:]]
+    with torch.no_grad():
+        ir = ov.convert_model(model.eval(), example_input=compare[:2], input=[ov.PartialShape(shape)])
+        reference = model(compare).numpy()
+    ov.save_model(ir, str(out / "model.xml"), compress_to_fp16=False)
+    from shared.openvino_model import OpenVinoModel
+
+    diff = float(np.abs(OpenVinoModel(out / "model.xml")(compare).numpy() - reference).max())
+    if diff > EXPORT_TOLERANCE:
+        raise ValueError(f"{out / 'model.xml'}: logits differ from PyTorch by {diff:.2e} (> {EXPORT_TOLERANCE})")
+    return {"converter": "openvino.convert_model", "input_shape": ["batch", *compare.shape[1:]],
+            "max_abs_logit_diff_vs_torch": diff}
+
+
+def _validation_items(cache, adapter: InputAdapter, chunk: int = 32) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Validation records in chunks: (windows, labels, windows per record) for NNCF's accuracy control."""
+    ds = ECGDataset(cache, "val")
+    items = []
+    for start in range(0, len(ds), chunk):
+        x, y = ds.__getitems__(range(start, min(start + chunk, len(ds))))
+        inputs, n_win = adapter.eval_inputs(x)
+        items.append((inputs.numpy(), np.asarray(y), n_win))
+    return items
+
+
+def _macro_auc_of(compiled, items) -> float:
+    from shared.metrics import macro_auc
+
+    probs, labels = [], []
+    for inputs, y, n_win in items:
+        logits = np.asarray(compiled(inputs)[0])
+        probs.append((1 / (1 + np.exp(-logits))).reshape(len(y), n_win, -1).mean(1))
+        labels.append(y)
+    return float(macro_auc(np.concatenate(labels), np.concatenate(probs)))
+
+
+def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: dict, batches: int,
+                  fp32_auc: float) -> dict:
+    import nncf
+    import openvino as ov
+
+    ir = ov.Core().read_model(str(fp32_xml))
+    calib = [x.numpy() for x in calibration_inputs(cache, adapter, cfg, batches)]
+    model_type = nncf.ModelType.TRANSFORMER if cfg["model"] in TRANSFORMERS else None
+    q = nncf.quantize(ir, nncf.Dataset(calib), model_type=model_type, subset_size=len(calib))
+    info = {"api": "nncf.quantize (post-training)", "calibration_batches": len(calib),
+            "calibration_records": int(sum(len(c) for c in calib)), "calibration_split": "train",
+            "model_type": "transformer" if model_type else "default"}
+    items = _validation_items(cache, adapter)
+    ptq_auc = _macro_auc_of(ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), items)
+    info["ptq_val_macro_auc"] = ptq_auc
+    if fp32_auc - ptq_auc > AUC_BUDGET:
+        print(f"{out}: plain PTQ loses {fp32_auc - ptq_auc:.4f} val macro AUC; running NNCF accuracy control "
+              f"(max drop {AUC_BUDGET})", flush=True)
+        q = nncf.quantize_with_accuracy_control(
+            ir, nncf.Dataset(calib), nncf.Dataset(items, lambda item: item[0]),
+            validation_fn=lambda compiled, data: _macro_auc_of(compiled, data), max_drop=AUC_BUDGET,
+            drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calib))
+        info["api"] = "nncf.quantize_with_accuracy_control"
+    ov.save_model(q, str(out / "model.xml"), compress_to_fp16=False)
+    return info
+
+
+def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_root: Path | None = None,
+           force: bool = False, batches: int | None = None) -> dict:
+    run_dir = Path(run_dir)
+    root = (out_root or compressed_dir()) / run_dir.name
+    source_sha256 = art.checkpoint_sha256(run_dir)
+    results = {v: art.finished_variant(root / v, run_dir, source_sha256, force) for v in variants}
+    todo = [v for v, done in results.items() if done is None]
+    if not todo:
+        return results
+    model, cfg = art.load_run(run_dir)
+    cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
+    adapter = InputAdapter(cfg, cache.sampling_rate)
+    if batches is None:
+        batches = QUICK_MAX_BATCHES if cfg.get("profile") == "quick" else CALIBRATION_BATCHES
+    failures = []
+    for variant in todo:
+        try:
+            results[variant] = _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter, root,
+                                               batches)
+        except Exception as e:  # the converter or NNCF cannot handle this network: report, go on
+            failures.append(f"{run_dir.name}/{variant}: {type(e).__name__}: {first_line(e)}")
+            print(f"error: {failures[-1]}", file=sys.stderr)
+    if failures:
+        raise ExportFailed("; ".join(failures))
+    return results
+
+
+def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter, root, batches) -> dict:
+    from shared.openvino_model import OpenVinoModel
+
+    out = root / variant
+    out.mkdir(parents=True, exist_ok=True)
+    compare = val_windows(cache, adapter)
+    t0 = time.time()
+    if variant == "openvino_fp32":
+        info = convert_fp32(model, compare, out)
+    else:
+        fp32 = root / "openvino_fp32"
+        if not (fp32 / "metrics.json").exists():
+            raise FileNotFoundError(f"{fp32}: make openvino_fp32 first (--variants openvino_fp32,openvino_int8)")
+        info = quantize_int8(fp32 / "model.xml", out, cache, adapter, cfg, batches,
+                             read_json(fp32 / "metrics.json")["val"]["macro_auc"])
+    seconds = time.time() - t0
+    info.update(artifact="model.xml", weights="model.bin", method=variant, run=str(run_dir.resolve()),
+                source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"],
+                seconds=round(seconds, 1), versions={**library_versions(), **_versions()})
+    write_json_atomic(out / "variant.json", info)
+    ov_model = OpenVinoModel(out / "model.xml")
+    metrics = validation_scores(ov_model, cache, adapter, chunk=EVAL_CHUNK)
+    with torch.no_grad():
+        diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
+    metrics.update(method=variant, run=run_dir.name, artifact_bytes=_ir_bytes(out),
+                   fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
+    check_against_parent(metrics, run_dir, f"{run_dir.name}/{variant}")
+    write_json_atomic(out / "metrics.json", metrics)
+    print(f"{run_dir.name}/{variant}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
+          f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), "
+          f"max |Δp| vs torch {diff:.4f}, {seconds:.0f} s", flush=True)
+    return metrics
+
+
+def _ir_bytes(out: Path) -> int:
+    return (out / "model.xml").stat().st_size + (out / "model.bin").stat().st_size
+
+
+def _versions() -> dict:
+    import nncf
+    import openvino as ov
+
+    return {"openvino": ov.get_version(), "nncf": nncf.__version__}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compression.openvino_export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a training run folder (artifacts/runs/<run>)")
+    src.add_argument("--model", choices=MODELS, help="export artifacts/runs/<model>-<repr>-<profile>")
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
+    ap.add_argument("--representation", default=os.environ.get("REPR") or None)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of %(default)s")
+    ap.add_argument("--calibration-batches", type=int, default=None,
+                    help=f"training batches for int8 calibration (default {CALIBRATION_BATCHES}, quick "
+                         f"{QUICK_MAX_BATCHES})")
+    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
+    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
+    ap.add_argument("--force", action="store_true", help="redo finished variants")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if bad := [v for v in variants if v not in VARIANTS]:
+        print(f"error: unknown variant(s) {bad}; choose from {VARIANTS}", file=sys.stderr)
+        return 2
+    try:
+        if args.model:
+            run = art.find_run(args.model, args.profile, args.representation)
+        else:
+            run = args.run if args.run.exists() else runs_dir() / str(args.run)
+            if not (run / "best.safetensors").exists():
+                raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+        export(run, variants, args.data, args.out, args.force, args.calibration_batches)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    except ExportFailed:  # each failure was reported as it happened
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

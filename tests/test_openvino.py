@@ -1,0 +1,127 @@
+"""OpenVINO IR + NNCF int8 variants of real quick runs, and the checks that keep a collapsed variant from being
+recommended."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_module
+from shared import artifacts as art
+from shared.cache import open_cache
+from shared.results import check_against_parent, collapse_warning, deploy_choice
+from shared.training import InputAdapter
+
+INT8_AUC_TOLERANCE = 0.05  # a 1-epoch quick run on ~50 validation records: int8 within this of the fp32 IR
+
+
+@pytest.fixture(scope="module", params=["vit", "resnet"])
+def exported(request, quick_vit_run, quick_resnet_run, sample_cache, tmp_path_factory):
+    run = quick_vit_run if request.param == "vit" else quick_resnet_run
+    root = tmp_path_factory.mktemp(f"ov-{request.param}")
+    r = run_module("compression.openvino_export", "--run", run, "--data", sample_cache, "--out", root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return run, root / run.name, r
+
+
+def _windows(run, sample_cache, n=8):
+    from shared.dataset import ECGDataset
+
+    cfg = json.loads((run / "config.json").read_text())
+    cache = open_cache(sample_cache)
+    x, _ = ECGDataset(cache, "val").__getitems__(range(n))
+    return InputAdapter(cfg, cache.sampling_rate).eval_inputs(x)[0]
+
+
+def test_fp32_ir_matches_pytorch_within_1e_4(exported, sample_cache):
+    run, root, _ = exported
+    model, _ = art.load_run(run)
+    ir, _, info = art.load_variant(root / "openvino_fp32")
+    x = _windows(run, sample_cache)
+    with torch.no_grad():
+        assert (ir(x) - model(x)).abs().max().item() < 1e-4
+    assert info["method"] == "openvino_fp32" and (root / "openvino_fp32" / "model.bin").exists()
+
+
+def test_int8_is_smaller_and_close_in_auc(exported):
+    run, root, _ = exported
+    fp32 = json.loads((root / "openvino_fp32" / "metrics.json").read_text())
+    int8 = json.loads((root / "openvino_int8" / "metrics.json").read_text())
+    assert int8["artifact_bytes"] < 0.5 * fp32["artifact_bytes"]
+    assert abs(int8["val"]["macro_auc"] - fp32["val"]["macro_auc"]) < INT8_AUC_TOLERANCE
+    info = json.loads((root / "openvino_int8" / "variant.json").read_text())
+    assert info["calibration_split"] == "train" and info["calibration_batches"] >= 1
+    assert "val_auc_change_vs_fp32" in int8
+
+
+def test_ir_holds_no_pickle_and_loads_in_a_fresh_process(exported, sample_cache, tmp_path):
+    run, root, _ = exported
+    for variant in ("openvino_fp32", "openvino_int8"):
+        xml = (root / variant / "model.xml").read_bytes()
+        assert xml.lstrip().startswith(b"<?xml") and b"\x80\x04" not in (root / variant / "model.bin").read_bytes()[:2]
+    np.save(tmp_path / "x.npy", _windows(run, sample_cache, 2).numpy())
+    code = ("import sys, numpy as np, torch; from shared import artifacts as a; "
+            f"m, _, _ = a.load_variant({str(root / 'openvino_int8')!r}); "
+            f"print(m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).shape)")
+    import subprocess, sys
+    from conftest import REPO
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "torch.Size([" in r.stdout, r.stderr[-1000:]
+
+
+def test_rerun_skips_finished_variants_and_redoes_a_retrained_one(exported, sample_cache, tmp_path):
+    run, root, _ = exported
+    again = run_module("compression.openvino_export", "--run", run, "--data", sample_cache, "--out", root.parent,
+                       check=True)
+    assert again.stdout.count("done already") == 2
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    out = tmp_path / "compressed"
+    shutil.copytree(root, out / run.name)
+    for v in ("openvino_fp32", "openvino_int8"):  # variants point at the copied run
+        info = json.loads((out / run.name / v / "variant.json").read_text())
+        (out / run.name / v / "variant.json").write_text(json.dumps({**info, "run": str(copy)}))
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(copy / "best.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] * 1.01
+    save_file(w, str(copy / "best.safetensors"))  # retrained under the same name
+    redo = run_module("compression.openvino_export", "--run", copy, "--data", sample_cache, "--out", out,
+                      "--variants", "openvino_fp32", check=True)
+    assert "older checkpoint" in redo.stdout and "done already" not in redo.stdout
+
+
+def test_predict_runs_an_openvino_variant(exported, sample_dir):
+    run, root, _ = exported
+    r = run_module("eval.predict", sample_dir / "records100" / "00000" / "00001_lr", "--model",
+                   root / "openvino_int8", "--json")
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert len(json.loads(r.stdout)["predictions"]) == 1
+
+
+# ------------------------------------------------------------------ no silent collapse
+def _result(run, variant, val, speed):
+    return {"run": run, "artifact": f"{run}/{variant}", "variant": variant, "bytes": 1,
+            "splits": {"val": {"macro_auc": val}, "test": {"macro_auc": val}},
+            "efficiency": {"throughput_b32_t1": speed}}
+
+
+def test_collapsed_variants_are_flagged_and_never_recommended():
+    results = [_result("r", "fp32", 0.920, 100), _result("r", "static", 0.763, 900),
+               _result("r", "openvino_int8", 0.917, 400), _result("r", "dynamic", 0.912, 500)]
+    c = deploy_choice(results)
+    assert [r["variant"] for r in c["flagged"]] == ["static"]
+    assert c["recommended"]["variant"] == "openvino_int8"  # dynamic is faster but loses 0.008 > 0.005
+    assert deploy_choice([_result("r", "fp32", 0.9, 100)])["recommended"]["variant"] == "fp32"
+    assert collapse_warning("r/static", 0.763, 0.923).startswith("warning: r/static loses 0.1600")
+    assert collapse_warning("r/qat", 0.918, 0.923) is None
+
+
+def test_compression_records_the_change_and_warns(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text(json.dumps({"val": {"macro_auc": 0.923}}))
+    m = check_against_parent({"val": {"macro_auc": 0.763}}, tmp_path, "effnetv2/static")
+    assert m["flagged"] and m["val_auc_change_vs_fp32"] == pytest.approx(-0.16)
+    assert "effnetv2/static loses 0.1600" in capsys.readouterr().err
