@@ -130,8 +130,8 @@ QUANT_METHODS_xresnet1d101 := dynamic
 quantize-%: $(VENV_STAMP)  ## dynamic, static (PT2E, calibrated) and QAT int8 variants of a trained model
 	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods $(or $(QUANT_METHODS_$*),dynamic$(,)static$(,)qat)
 
-bench-compress-%: $(VENV_STAMP)  ## size / AUC / CPU throughput of fp32, bf16 and every variant of a model
-	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE)
+bench-compress-%: $(VENV_STAMP)  ## size / MACs / AUC / CPU speed-ups of every variant of a model, side by side (ISA=AVX2 adds capped figures)
+	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE) $(if $(ISA),--isa $(ISA))
 
 prune-all: $(VENV_STAMP)  ## prune every trained model, JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix prune-,$(TRAIN_ORDER))

@@ -1,15 +1,22 @@
-"""Side-by-side figures for one trained model and its compressed variants, in one process, on this CPU:
-file size, parameters / non-zeros, val macro AUC (test macro AUC from eval-all's result.json where it has
-scored the variant; compress itself never reads the test fold), and throughput (samples/s) at batch 1 and 32
-with 1 and 2 threads, for fp32, bf16 autocast, pruned, dynamic int8, static int8 and QAT int8, and the
-ONNX Runtime fp32 / int8 exports of compression/export_onnx.py (their sessions follow torch.set_num_threads).
+"""Side-by-side figures for one trained model and every variant of it, in one process, on this CPU:
+file size, parameters / non-zeros, MACs per window (torch.utils.flop_counter on the network the variant
+computes), val macro AUC (test macro AUC from eval-all's result.json where it has scored the variant;
+compression never reads the test fold), and windows/s at batch 1 and 32 with 1 and 2 threads — for fp32,
+bf16 autocast, pruned, structured, dynamic / static / QAT int8, ONNX Runtime and OpenVINO fp32 / int8.
 
-Prints a Markdown table and writes artifacts/compressed/<run>/benchmark.json. Asserts nothing.
+Ratios, never absolute times, are what compare across machines: each row's speed-up over the run's fp32
+PyTorch model and over the same runtime's fp32 (what int8 or pruning buys apart from the runtime), the
+achieved GMAC/s, and the speed-up the MAC ratio alone predicts. `--isa AVX2` runs the same measurement
+again with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA: PyTorch's and OpenVINO's CPU kernels), as a user
+without AVX-512/VNNI would see it; ONNX Runtime's MLAS does not read that variable, so its rows stay uncapped.
+
+Prints Markdown tables and writes artifacts/compressed/<run>/benchmark[-<isa>].json. Asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -29,8 +36,10 @@ from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # n
 from shared.timing import time_forward  # noqa: E402
 from shared.training import InputAdapter, autocast, predict_dataset, scores  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "prune", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8", "openvino_fp32",
-            "openvino_int8")
+VARIANTS = ("fp32", "bf16", "prune", "structured", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8",
+            "openvino_fp32", "openvino_int8", "structured_openvino_int8")
+# the fp32 row of the same runtime, for "× same runtime fp32"
+RUNTIME_FP32 = {"onnx_int8": "onnx_fp32", "openvino_int8": "openvino_fp32", "structured_openvino_int8": "openvino_fp32"}
 BATCHES = (1, 32)
 THREADS = (1, 2)
 RUNS = 20          # timed forward passes per setting (after warm-up)
@@ -50,6 +59,21 @@ def evaluated_test_auc(run: str, variant: str) -> float | None:
     return read_json(result)["splits"]["test"]["macro_auc"] if result.exists() else None
 
 
+def macs_per_window(model: torch.nn.Module, window: torch.Tensor) -> int | None:
+    """Multiply-accumulates of one window through an eager network (FLOPs / 2), or None for graphs that the
+    flop counter cannot run (exported int8 programs, ONNX / OpenVINO sessions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not isinstance(model, torch.nn.Module):
+        return None
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(window[:1])
+        return int(counter.get_total_flops() // 2)
+    except Exception:
+        return None
+
+
 def open_run(run: Path) -> tuple[torch.nn.Module, dict, dict]:
     """(fp32 model, config, metrics) of a finished training run: the figures compare against its metrics.json."""
     if not (run / "metrics.json").exists():
@@ -65,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="training run folder (artifacts/runs/<run>)")
     ap.add_argument("--compressed", type=Path, default=None, help="default artifacts/compressed/<run>")
     ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--isa", default=None, help="also measure with oneDNN capped at this ISA (e.g. AVX2), in a "
+                                                "second process")
     args = ap.parse_args(argv)
     run = args.run if args.run.exists() else runs_dir() / str(args.run)
     root = args.compressed or compressed_dir() / run.name
@@ -77,55 +103,83 @@ def main(argv=None) -> int:
     adapter = InputAdapter(cfg, cache.sampling_rate)
     x_all, _ = ECGDataset(cache, "val").__getitems__(range(32))
     inputs = adapter.eval_inputs(x_all)[0][:32]
-    rows = []
-    for variant in VARIANTS:
-        vdir = root / variant
-        if variant in ("fp32", "bf16"):
-            model, size = fp32, (run / "best.safetensors").stat().st_size
-            total, nonzero = art.nonzero_parameters(fp32.state_dict())
-            if variant == "fp32":
-                val, test = run_metrics["val"]["macro_auc"], run_metrics["test"]["macro_auc"]
-            else:
-                aucs = []
-                for split in ("val", "test"):
-                    with autocast(torch.device("cpu"), True):
-                        probs, labels = predict_dataset(fp32, ECGDataset(cache, split), adapter)
-                    aucs.append(scores(labels, probs, cache.classes)["macro_auc"])
-                val, test = aucs
-        else:
-            if not (vdir / "metrics.json").exists():
-                make = {"onnx": "export-<model>", "openvino": "export-openvino-<model>"}.get(variant.split("_")[0],
-                                                                                         "quantize-<model> or prune-<model>")
-                print(f"skip {variant}: {vdir} has no finished variant (make {make})")
-                continue
-            model, _, info = art.load_variant(vdir, compiled=variant in art.COMPILED_METHODS)
-            m = read_json(vdir / "metrics.json")
-            size, val = m["artifact_bytes"], m["val"]["macro_auc"]
-            test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant)
-            total, nonzero = (info.get("params"), info.get("nonzero_params")) if variant == "prune" else \
-                art.nonzero_parameters(fp32.state_dict())
-        row = {"variant": variant, "bytes": size, "params": total, "nonzero": nonzero, "val_auc": val,
-               "test_auc": test}
-        for threads in THREADS:
-            torch.set_num_threads(threads)
-            for b in BATCHES:
-                row[f"b{b}_t{threads}"] = throughput(model, inputs[:b], bf16=variant == "bf16")
-        rows.append(row)
-        print(f"{variant}: done", flush=True)
+    rows = [r for r in (measure(v, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) for v in VARIANTS) if r]
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    md = table(run.name, rows, isa)
+    print(md)
+    write_json_atomic(root / f"benchmark{'-' + isa.lower() if isa else ''}.json",
+                      {"run": run.name, "isa_cap": isa, "cpu": art.host_cpu(), "rows": rows, "markdown": md})
+    if args.isa and not isa:
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa.upper(), "DNNL_MAX_CPU_ISA": args.isa.upper()}
+        cmd = [sys.executable, "-m", "compression.benchmark", "--run", str(run), "--compressed", str(root)]
+        return subprocess.run(cmd + (["--data", str(args.data)] if args.data else []), env=env).returncode
+    return 0
+
+
+def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) -> dict | None:
+    """One row: size, parameters, MACs, AUCs and windows/s of one variant (None when it is not made)."""
+    vdir = root / variant
+    if variant in ("fp32", "bf16"):
+        model, size = fp32, (run / "best.safetensors").stat().st_size
+        total, nonzero = art.nonzero_parameters(fp32.state_dict())
+        val, test = bf16_aucs(fp32, cache, adapter) if variant == "bf16" else \
+            (run_metrics["val"]["macro_auc"], run_metrics["test"]["macro_auc"])
+    else:
+        if not (vdir / "metrics.json").exists():
+            make = {"onnx": "export-<model>", "openvino": "export-openvino-<model>"}.get(
+                variant.split("_")[0], "quantize-<model>, prune-<model> or prune-structured-<model>")
+            print(f"skip {variant}: {vdir} has no finished variant (make {make})")
+            return None
+        model, _, info = art.load_variant(vdir, compiled=variant in art.COMPILED_METHODS)
+        m = read_json(vdir / "metrics.json")
+        size, val = m["artifact_bytes"], m["val"]["macro_auc"]
+        test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant)
+        total, nonzero = (info.get("params"), info.get("nonzero_params")) if variant == "prune" else \
+            art.nonzero_parameters(model.state_dict() if variant == "structured" else fp32.state_dict())
+    network = model if variant in ("fp32", "prune", "structured") else fp32
+    row = {"variant": variant, "bytes": size, "params": total, "nonzero": nonzero, "val_auc": val, "test_auc": test,
+           "macs": macs_per_window(network if variant != "structured_openvino_int8" else
+                                   art.load_variant(root / "structured")[0], inputs)}
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for b in BATCHES:
+            row[f"b{b}_t{threads}"] = throughput(model, inputs[:b], bf16=variant == "bf16")
+    print(f"{variant}: done", flush=True)
+    return row
+
+
+def bf16_aucs(fp32, cache, adapter) -> tuple[float, float]:
+    aucs = []
+    for split in ("val", "test"):
+        with autocast(torch.device("cpu"), True):
+            probs, labels = predict_dataset(fp32, ECGDataset(cache, split), adapter)
+        aucs.append(scores(labels, probs, cache.classes)["macro_auc"])
+    return aucs[0], aucs[1]
+
+
+def table(run_name: str, rows: list[dict], isa: str | None) -> str:
     base = rows[0]
-    lines = [f"### {run.name} on this CPU ({os.cpu_count()} cores)", "",
-             "| variant | size MB | × smaller | non-zeros | val AUC | Δ val | test AUC | "
-             + " | ".join(f"b{b}/{t}t s/s" for t in THREADS for b in BATCHES) + " | b32/2t × fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(THREADS) * len(BATCHES) + 1)]
+    by = {r["variant"]: r for r in rows}
+    lines = [f"### {run_name} on {art.host_cpu()}" + (f", oneDNN capped at {isa}" if isa else ""), "",
+             "| variant | size MB | × smaller | non-zeros | MMACs/window | val AUC | Δ val | test AUC | "
+             + " | ".join(f"b{b}/{t}t w/s" for t in THREADS for b in BATCHES)
+             + " | b32/1t × fp32 | b1/1t × fp32 | b32/1t × same-runtime fp32 | GMAC/s b32/1t | MAC-predicted × |",
+             "|---|" + "---:|" * (7 + len(THREADS) * len(BATCHES) + 5)]
     for r in rows:
         speeds = " | ".join(f"{r[f'b{b}_t{t}']:.1f}" for t in THREADS for b in BATCHES)
-        lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | {base['bytes'] / r['bytes']:.2f} | "
-                     f"{r['nonzero']:,} | {r['val_auc']:.4f} | {r['val_auc'] - base['val_auc']:+.4f} | "
-                     f"{'—' if r['test_auc'] is None else format(r['test_auc'], '.4f')} | {speeds} | {r['b32_t2'] / base['b32_t2']:.2f} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    write_json_atomic(root / "benchmark.json", {"run": run.name, "rows": rows, "markdown": md})
-    return 0
+        same = by.get(RUNTIME_FP32.get(r["variant"], "fp32"))
+        macs = r["macs"] or base["macs"]
+        lines.append(
+            f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | {base['bytes'] / r['bytes']:.2f} | {r['nonzero']:,} | "
+            f"{_num(macs, 1e-6, '.1f')} | {r['val_auc']:.4f} | {r['val_auc'] - base['val_auc']:+.4f} | "
+            f"{_num(r['test_auc'], 1, '.4f')} | {speeds} | {r['b32_t1'] / base['b32_t1']:.2f} | "
+            f"{r['b1_t1'] / base['b1_t1']:.2f} | {_num(same and r['b32_t1'] / same['b32_t1'], 1, '.2f')} | "
+            f"{_num(macs and macs * r['b32_t1'], 1e-9, '.1f')} | {_num(base['macs'] and macs and base['macs'] / macs, 1, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v, scale, spec) -> str:
+    return "—" if v is None else format(v * scale, spec)
 
 
 if __name__ == "__main__":

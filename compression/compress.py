@@ -6,7 +6,8 @@ Methods (each for every model family):
   dynamic  dynamic int8 of every Linear layer (torch.ao quantize_dynamic).
   static   static post-training int8 with calibration on training records: PT2E (torch.export +
            torchao's X86InductorQuantizer) — the one API that handles all four timm families in torch 2.14.
-  qat      quantization-aware training from the fp32 checkpoint (PT2E QAT), then converted to int8.
+  qat      quantization-aware training from the fp32 checkpoint (PT2E QAT), distilling from the fp32 parent
+           on the same crops (QAT_KD_ALPHA, shared.distill), then converted to int8.
 
 Each variant goes to artifacts/compressed/<run>/<method>/ with its artifact, variant.json (what was done)
 and metrics.json (val macro AUC, size, sparsity). A finished variant made from the run's present checkpoint
@@ -19,6 +20,7 @@ prediction.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -35,6 +37,7 @@ if str(REPO) not in sys.path:
 from shared import artifacts as art  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
+from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits  # noqa: E402
 from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
 from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
 from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
@@ -50,6 +53,7 @@ FINETUNE_EPOCHS = 1            # after pruning (quick profile: a few batches)
 QAT_EPOCHS = 1
 FINETUNE_LR_FACTOR = 0.1       # × the run's learning rate, after pruning
 QAT_LR_FACTOR = 0.02           # × the run's learning rate: fake-quant noise plus 0.1× drifted vit by −0.016 val AUC
+QAT_KD_ALPHA = 0.5             # QAT distils from the fp32 parent on the same crops (shared.distill); 0: labels only
 CALIBRATION_BATCHES = 16       # batches of random training crops (one per record) for static int8
 QUICK_MAX_BATCHES = 3
 
@@ -62,14 +66,18 @@ def example_input(cache, adapter: InputAdapter, n: int = 2) -> torch.Tensor:
 
 
 def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: int, max_batches: int | None,
-             desc: str, lr_factor: float = FINETUNE_LR_FACTOR) -> None:
+             desc: str, lr_factor: float = FINETUNE_LR_FACTOR, teacher: nn.Module | None = None,
+             kd_alpha: float = 0.0) -> None:
+    """Fine-tune on training crops; with a teacher (the fp32 parent) the loss also distils its outputs on the
+    same crops (shared.distill)."""
     from tqdm import tqdm
 
     loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 17,
                          drop_last=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"] * lr_factor, weight_decay=cfg["weight_decay"])
-    loss_fn = nn.BCEWithLogitsLoss()
+    distil = teacher is not None and kd_alpha > 0
+    loss_fn = WithTeacher(kd_alpha, KD_TEMPERATURE) if distil else nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(cfg["seed"] + 23)
     device = torch.device("cpu")
     for epoch in range(epochs):
@@ -78,8 +86,9 @@ def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: 
         for i, (x, y) in enumerate(loader):
             if i >= steps:
                 break
-            loss = train_step(model, opt, loss_fn, adapter.train_input(x, gen), y, device, False,
-                              cfg.get("grad_clip", 1.0))
+            inputs = adapter.train_input(x, gen)
+            targets = (y, teacher_logits(teacher, inputs)) if distil else y
+            loss = train_step(model, opt, loss_fn, inputs, targets, device, False, cfg.get("grad_clip", 1.0))
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update()
         bar.close()
@@ -165,20 +174,23 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
+    teacher = copy.deepcopy(model).eval() if QAT_KD_ALPHA > 0 else None  # frozen: QAT updates the shared weights
     example = example_input(cache, adapter, n=4)
     batch = torch.export.Dim("batch", min=2, max=4096)
     graph = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_qat_pt2e(graph, _quantizer(True))
     allow_exported_model_train_eval(prepared)
     epochs = 1 if quick else QAT_EPOCHS
-    finetune(prepared, cfg, cache, adapter, epochs, QUICK_MAX_BATCHES if quick else None, "QAT", QAT_LR_FACTOR)
+    finetune(prepared, cfg, cache, adapter, epochs, QUICK_MAX_BATCHES if quick else None, "QAT", QAT_LR_FACTOR,
+             teacher=teacher, kd_alpha=QAT_KD_ALPHA)
     prepared.eval()
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)
     converted.eval()
     art.save_exported(out / "model.pt2", converted, example)
     return {"artifact": "model.pt2", "api": "torchao PT2E QAT + X86InductorQuantizer", "qat_epochs": epochs,
-            "qat_lr": cfg["lr"] * QAT_LR_FACTOR}, converted
+            "qat_lr": cfg["lr"] * QAT_LR_FACTOR, "distilled_from": "the fp32 parent" if teacher else None,
+            "kd_alpha": QAT_KD_ALPHA, "kd_temperature": KD_TEMPERATURE}, converted
 
 
 # ------------------------------------------------------------------ driver
@@ -261,7 +273,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
     ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
     ap.add_argument("--force", action="store_true", help="redo finished variants")
+    ap.add_argument("--qat-kd-alpha", type=float, default=QAT_KD_ALPHA,
+                    help="weight of distillation from the fp32 parent in QAT (0: labels only; default %(default)s)")
     args = ap.parse_args(argv)
+    global QAT_KD_ALPHA
+    QAT_KD_ALPHA = args.qat_kd_alpha
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
