@@ -62,7 +62,7 @@ TIMEOUT    ?= 3600
 OPTUNA_STORAGE ?=
 export OPTUNA_STORAGE
 
-.PHONY: all help setup eval-all eval report predict demo data test bench-data synth clean-artifacts train-all bakeoff seeds-all summary prune-all quantize-all compress-all export
+.PHONY: all help setup eval-all eval report results-doc predict demo data test bench-data synth clean-artifacts train-all bakeoff seeds-all summary prune-all quantize-all compress-all export
 
 all: $(VENV_STAMP)  ## the whole pipeline: data → train-all → compress-all → eval-all → report (PTBXL_DIR, PROFILE, JOBS)
 	@start=$$(date +%s); set -e; \
@@ -155,6 +155,9 @@ eval-all: $(VENV_STAMP)  ## score every artifact (AUC + CIs, F1, F2/G2, size, la
 
 eval: $(VENV_STAMP)  ## score ARTIFACT=<run or variant folder> on DATA=<PTB-XL-layout folder> (FOLDS=, IDS=)
 	$(PYTHON) -m eval.evaluate --artifact $(ARTIFACT) $(if $(DATA),--data $(DATA)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(IDS),--ids $(IDS))
+
+results-doc: $(VENV_STAMP)  ## rewrite README.md's results table from RESULTS=<results.json> (default ARTIFACTS' eval-all)
+	$(PYTHON) -m eval.results_doc $(if $(RESULTS),--results $(RESULTS))
 
 report: $(VENV_STAMP)  ## HTML + Markdown report from the evaluation results (artifacts/report/)
 	$(PYTHON) -m eval.report
