@@ -10,13 +10,14 @@ The study lives in a database, so it survives kills and can be shared:
   default    sqlite:///artifacts/tune/<model>/study.db — rerun the same command to resume; a trial that was
              RUNNING when the process died is failed after its heartbeat goes stale and re-queued once with
              the same parameters.
-  shared     OPTUNA_STORAGE=postgresql://user:pass@host/db (or --storage): N workers on N machines, each
-             running the same command, draw trials from one study (needs `pip install psycopg2-binary`).
+  shared     OPTUNA_STORAGE=postgresql://user:pass@host:5432/db (or --storage): N workers on N machines, each
+             running the same command, draw trials from one study (driver: psycopg 3, in requirements.txt).
+             The password is masked (user:***@host) wherever the URL is printed or saved.
 --trials is the study's total of finished (complete + pruned) trials, not this run's: a resumed run or a
 second worker does not overshoot. --timeout stops starting new trials after that many seconds.
 
 Writes artifacts/tune/<model>/:
-  study.db                the study (default storage)
+  study.db                the study (default storage); study.db.lock lets local workers start trials in turn
   trials/<n>/             trial n's training run (config.json, log.jsonl, best.safetensors, metrics.json)
   best_config.toml        the best trial's tuned keys + representation: `make train-<model> CONFIG=tuned`
   study.json              every trial (state, value, params, per-epoch AUC, seconds), the best, the storage
@@ -53,6 +54,7 @@ PRUNE_WARMUP_EPOCHS = 2   # ... nor in a trial's first epochs (val AUC during lr
 HEARTBEAT_S = 60          # a RUNNING trial silent for 2 × this is stale (its process died): failed, re-queued
 MAX_RETRY = 1             # re-queue a stale trial once; a config that kills its process twice is dropped
 SQLITE_TIMEOUT_S = 60     # wait this long for SQLite's write lock (several local workers on one study.db)
+LOCK_WAIT_S = 300         # a worker waits this long for the study lock, then starts its trial without it
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -68,14 +70,38 @@ def default_storage(model: str) -> str:
     return f"sqlite:///{tune_dir(model) / 'study.db'}"
 
 
+PASSWORD_QUERY = re.compile(r"((?:^|[?&])password=)[^&]*", re.IGNORECASE)  # libpq also takes ?password=...
+
+
 def redact(url: str) -> str:
-    """The storage URL without its password (it goes into logs and study.json)."""
+    """The storage URL without its password: it goes into logs, error messages and study.json."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return PASSWORD_QUERY.sub(r"\1***", make_url(url).render_as_string(hide_password=True))
+    except Exception:  # not parseable: mask what looks like user:password@ and ?password=
+        return PASSWORD_QUERY.sub(r"\1***", re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url))
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (a driver's error message) with the URL's password replaced by ***, in whatever form it appears."""
+    from urllib.parse import quote, unquote
+
+    from sqlalchemy.engine import make_url
+
+    secrets = set()
+    try:
+        parsed = make_url(url)
+        secrets.add(parsed.password)
+        secrets.update(v for k, v in parsed.query.items() if k.lower() == "password" and isinstance(v, str))
     except Exception:
-        return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+        secrets.update(m[1] for m in re.finditer(r"//[^:/@]*:([^@/]*)@", url))
+        secrets.update(m[2] for m in PASSWORD_QUERY.finditer(url))
+    text = text.replace(url, redact(url))
+    for secret in sorted({s for s in secrets if s} | {quote(s, safe="") for s in secrets if s}
+                         | {unquote(s) for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def open_storage(url: str, heartbeat: int):
@@ -87,7 +113,7 @@ def open_storage(url: str, heartbeat: int):
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise TuneError(f"storage {url!r} is not a database URL "
+        raise TuneError(f"storage {redact(url)!r} is not a database URL "
                         "(e.g. sqlite:////abs/path/study.db or postgresql://user:pass@host/db)") from None
     kwargs = {}
     if parsed.get_backend_name() == "sqlite":
@@ -96,7 +122,7 @@ def open_storage(url: str, heartbeat: int):
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         kwargs = {"pool_pre_ping": True}
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     retry_stale = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     try:
@@ -104,18 +130,19 @@ def open_storage(url: str, heartbeat: int):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
                                                   heartbeat_stale_trial_callback=retry_stale)
-            except (IntegrityError, OperationalError) as e:
+            except (IntegrityError, OperationalError, ProgrammingError) as e:
                 # workers started together race to create the tables of a new database; the loser retries
+                # (PostgreSQL: a unique violation in pg_type, or "relation ... already exists")
                 race = isinstance(e, IntegrityError) or "already exists" in str(e) or "locked" in str(e)
                 if not race or attempt == 4:
                     raise
                 time.sleep(0.5 * (attempt + 1))
     except ModuleNotFoundError as e:
-        raise TuneError(f"storage {redact(url)}: the database driver is not installed ({e}); "
-                        f"for PostgreSQL: .venv/bin/python -m pip install psycopg2-binary") from None
+        raise TuneError(f"storage {redact(url)}: the database driver is not installed ({e}); for PostgreSQL: "
+                        ".venv/bin/python -m pip install -r requirements.txt (psycopg[binary])") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TuneError(f"cannot open storage {redact(url)}: {type(e).__name__}: {first}") from None
+        raise TuneError(f"cannot open storage {redact(url)}: {type(e).__name__}: {scrub(first, url)}") from None
 
 
 def check_space(model: str, space: dict, base: dict) -> None:
@@ -242,31 +269,39 @@ def trial_record(t) -> dict:
             "run": t.user_attrs.get("run"), "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)}
 
 
-def fail_trials_without_heartbeat(study, storage, grace: float) -> None:
+def fail_trials_without_heartbeat(study, storage, grace: float, silent_since: dict[int, float]) -> None:
     """Fail (and re-queue, like a stale trial) each RUNNING trial that never recorded a heartbeat.
 
     Optuna only fails RUNNING trials whose heartbeat went stale; a worker killed between creating a trial
     and its first heartbeat (a few ms, right after the previous trial finished) leaves a trial with no
     heartbeat, RUNNING forever, and a study that counts it as running elsewhere never finishes. A live
-    worker records the first heartbeat within ms of creating the trial, so one older than `grace` is dead.
+    worker records the first heartbeat within ms of creating the trial, so one this process has seen without
+    a heartbeat for `grace` seconds is dead. Timed on this process's clock (`silent_since`, kept by the
+    caller): datetime_start is the creating worker's local time, off by the clock skew or time zone of
+    another machine sharing the study.
     """
-    import datetime
-
     import optuna
     import sqlalchemy
     from optuna.trial import TrialState
 
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)  # optuna's datetime_start clock
-    old = {t._trial_id for t in running if t.datetime_start and t.datetime_start < cutoff}
-    if not old:
+    running = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    beating = set()
+    if running:
+        with storage.engine.connect() as db:  # optuna's schema: trial_heartbeats(trial_id, heartbeat)
+            ids = ", ".join(str(int(i)) for i in running)
+            beating = {r[0] for r in db.execute(sqlalchemy.text(
+                f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"))}
+    silent = running - beating
+    now = time.monotonic()
+    for trial_id in set(silent_since) - silent:
+        del silent_since[trial_id]
+    for trial_id in silent:
+        silent_since.setdefault(trial_id, now)
+    dead = {i for i in silent if now - silent_since[i] >= grace}
+    if not dead:
         return
-    with storage.engine.connect() as db:  # optuna's schema: trial_heartbeats(trial_id, heartbeat)
-        ids = ", ".join(str(int(i)) for i in old)
-        beating = {r[0] for r in db.execute(sqlalchemy.text(
-            f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"))}
     retry = storage.get_heartbeat_stale_trial_callback()
-    for trial_id in sorted(old - beating):
+    for trial_id in sorted(dead):
         try:
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
@@ -274,6 +309,77 @@ def fail_trials_without_heartbeat(study, storage, grace: float) -> None:
             continue  # another worker failed it first
         if retry is not None:
             retry(study, storage.get_trial(trial_id))
+
+
+class StudyLock:
+    """Makes "count the study's trials, then start one" atomic across the workers of one study.
+
+    Without it two workers that finish trials at the same moment both count fewer than --trials and both start
+    one, and the study ends a trial over. PostgreSQL: an advisory lock held by one connection (dropped when a
+    worker dies); SQLite: flock on <study.db>.lock (one machine). Other databases: no lock. Held from the count
+    until the next trial exists (the objective's first line), so the next count sees it as running."""
+
+    def __init__(self, storage, url: str, study_name: str):
+        import hashlib
+
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        self.backend = parsed.get_backend_name()
+        self.held = False
+        self._conn = self._file = None
+        key = int.from_bytes(hashlib.sha256(f"models.tune:{study_name}".encode()).digest()[:8], "big", signed=True)
+        self._key = key
+        if self.backend == "postgresql":
+            self._conn = storage.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        elif self.backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+            self._file = open(f"{parsed.database}.lock", "a")
+
+    def _try(self) -> bool:
+        if self._conn is not None:
+            import sqlalchemy
+
+            return bool(self._conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": self._key})
+                        .scalar())
+        if self._file is not None:
+            import fcntl
+
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        return True
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        deadline = time.time() + LOCK_WAIT_S
+        while not self._try():
+            if time.time() > deadline:  # a holder on a machine that vanished: go on, at worst a trial over
+                print(f"the study lock was not free for {LOCK_WAIT_S} s; going on without it", flush=True)
+                return
+            time.sleep(0.05)
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self._conn is not None:
+            import sqlalchemy
+
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+        elif self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.release()
+        if self._conn is not None:
+            self._conn.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def finished(study) -> int:
@@ -400,7 +506,9 @@ def run(args) -> int:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
                                     sampler=make_sampler(SAMPLER_SEED), pruner=make_pruner())
     except Exception as e:
-        raise TuneError(f"cannot create study {name!r} in {redact(storage_url)}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TuneError(f"cannot create study {name!r} in {redact(storage_url)}: {type(e).__name__}: "
+                        f"{scrub(first, storage_url)}") from None
     attrs = {"model": args.model, "profile": args.profile, "fixed": fixed}
     seen = {k: study.user_attrs.get(k) for k in attrs}
     if seen["profile"] is None:
@@ -414,7 +522,10 @@ def run(args) -> int:
 
     from models.train import train
 
+    lock = StudyLock(storage, storage_url, name)
+
     def objective(trial):
+        lock.release()  # this trial now exists (RUNNING): the next count, by any worker, includes it
         params = suggest(trial, space, rep_keys)
         rep = params.get("representation") or fixed.get("representation")
         cfg = config_mod.resolve(args.model, args.profile, rep, "default", {**fixed, **params})
@@ -450,9 +561,20 @@ def run(args) -> int:
         print(f"trial {t.number}: {what}, {secs:.0f} s, {params} | {finished(study)}/{args.trials} finished, {best}",
               flush=True)
 
+    silent_since: dict[int, float] = {}
+
     def fail_stale(study, t) -> None:
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial must not count as running below
-        fail_trials_without_heartbeat(study, storage, grace=2 * args.heartbeat)
+        fail_trials_without_heartbeat(study, storage, 2 * args.heartbeat, silent_since)
+
+    def next_or_stop(study, t) -> None:
+        """Stop when finished + running trials (this worker's and the others') reach --trials: workers sharing
+        the study stop together instead of each running its own --trials. Otherwise keep the lock until the
+        next trial exists (objective releases it)."""
+        lock.acquire()
+        if finished(study) + running(study) >= args.trials:
+            study.stop()
+            lock.release()
 
     import torch
 
@@ -470,20 +592,20 @@ def run(args) -> int:
         fail_stale(study, None)
         done, busy = finished(study), running(study)
     interrupted = False
-    if done >= args.trials:
-        print(f"the study already has {done} finished trials (--trials {args.trials}): nothing to run")
-    elif done + busy >= args.trials:
-        print(f"nothing to start: {done} finished + {busy} running elsewhere >= {args.trials}")
-    else:
-        try:
-            # Stop when finished + running-elsewhere trials reach --trials: workers sharing the study stop
-            # together instead of each running its own --trials.
-            study.optimize(objective, timeout=args.timeout or None, catch=(torch.OutOfMemoryError,), callbacks=[
-                report, fail_stale,
-                optuna.study.MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                    TrialState.RUNNING))])
-        except KeyboardInterrupt:
-            interrupted = True
+    try:
+        lock.acquire()
+        done, busy = finished(study), running(study)
+        if done >= args.trials:
+            print(f"the study already has {done} finished trials (--trials {args.trials}): nothing to run")
+        elif done + busy >= args.trials:
+            print(f"nothing to start: {done} finished + {busy} running elsewhere >= {args.trials}")
+        else:
+            study.optimize(objective, timeout=args.timeout or None, catch=(torch.OutOfMemoryError,),
+                           callbacks=[report, fail_stale, next_or_stop])
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        lock.close()
     fail_stale(study, None)
     best = write_outputs(study, args.model, args.profile, args, space, fixed, storage_url, time.time() - t0,
                          base["representation"])

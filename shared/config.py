@@ -94,7 +94,37 @@ def resolve(model: str, profile: str = "cpu", representation: str | None = None,
     cfg.update(tuned)
     cfg.update(overrides or {})
     cfg.update(model=model, representation=rep, profile=profile, config=config)
+    check_pretrained(cfg.get("pretrained", False), model)
     return cfg
+
+
+_checked_files: dict[tuple, None] = {}
+
+
+def check_pretrained(value, model: str | None = None) -> None:
+    """`pretrained` is true, false or a weights file; a file that is missing, damaged or holds more than
+    weights fails here, as one line, before training makes a run folder. Each file version is read once."""
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"pretrained = {value!r}: use false, true (Hugging Face hub) or the path of a "
+                         ".safetensors / .pth weights file")
+    if MODEL_REPRESENTATIONS.get(model) == _1D:
+        raise ValueError(f"pretrained = {value!r}: {model} is a 1-D network; pretrained weights files are for the "
+                         "timm families (vit, deit, effnetv2, convnext)")
+    path = Path(value).expanduser()
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _checked_files:
+        return
+    from shared.nets import read_pretrained  # torch: only when a file is named
+
+    read_pretrained(path)  # PretrainedFileError (a ValueError): "<file>: <problem>"
+    if key is not None:
+        _checked_files[key] = None
 
 
 def check_representation(model: str, representation: str) -> None:

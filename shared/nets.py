@@ -2,12 +2,21 @@
 
 The four seed families come from timm, sized for a CPU by default (tiny/atto/b0) and configured for
 the ECG input (in_chans, img_size, patch shape, num_classes). The 1-D references are in nets1d.py.
+`pretrained` is false, true (ImageNet weights from the Hugging Face hub) or the path of a weights file
+(safetensors, or a .pth read with weights_only=True), for networks where the hub is out of reach.
 """
 from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from shared.io import first_line
 from shared.nets1d import NETS1D
 from shared.representations import input_shape
 
@@ -26,15 +35,168 @@ class PretrainedUnavailable(RuntimeError):
     pass
 
 
+class PretrainedFileError(ValueError):
+    """A `pretrained` weights file that is missing, damaged, not plain weights or not for this architecture;
+    the message is `<file>: <problem>`, one line."""
+
+
+def read_pretrained(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, unwrapped as timm unwraps them (state_dict_ema / model_ema / state_dict /
+    model, DDP and torch.compile prefixes). A .pth is read with weights_only=True: pickled code is refused."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PretrainedFileError(f"{path}: no such file (pretrained = a .safetensors or .pth weights file)")
+    if not path.is_file():
+        raise PretrainedFileError(f"{path}: not a file (pretrained = a .safetensors or .pth weights file)")
+    if path.suffix == ".safetensors":  # timm picks the reader by this suffix too
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path))
+        except Exception as e:
+            raise PretrainedFileError(f"{path}: damaged or not a safetensors file ({first_line(e)})") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+            raise PretrainedFileError(
+                f"{path}: refused — it holds pickled Python objects{f' ({what[1]})' if what else ''}, not only "
+                "weights (read with weights_only=True); save a state_dict, or convert it to safetensors") from None
+        except Exception as e:
+            raise PretrainedFileError(f"{path}: damaged or not a PyTorch weights file ({first_line(e)})") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    tensors = {re.sub(r"^(?:_orig_mod\.|module\.)+", "", str(k)): v for k, v in obj.items()
+               if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise PretrainedFileError(f"{path}: holds no tensors (expected a state_dict of weights)")
+    return tensors
+
+
+def _grid(n_tokens: int) -> str:
+    side = int(round(n_tokens ** 0.5))
+    return f"{side}x{side}" if side * side == n_tokens else f"{n_tokens} tokens"
+
+
+def _key_groups(keys) -> str:
+    """'blocks.6-11, norm' for the keys of blocks 6..11 and norm.weight/bias: a short name for many tensors."""
+    groups: dict[str, set] = {}
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[1].isdigit():
+            groups.setdefault(parts[0], set()).add(int(parts[1]))
+        else:
+            groups.setdefault(".".join(parts[:-1]) or k, set())
+    names = []
+    for name, idx in sorted(groups.items()):
+        names.append(f"{name}.{min(idx)}-{max(idx)}" if len(idx) > 1 else f"{name}.{min(idx)}" if idx else name)
+    return ", ".join(names[:6]) + (f", … ({len(names) - 6} more)" if len(names) > 6 else "")
+
+
+def _adapted(key: str, old: torch.Tensor, new: torch.Tensor, model: nn.Module, first_convs: set[str]) -> str:
+    """What timm did to one tensor whose shape changed (or whose values it resampled)."""
+    name = key.rsplit(".", 1)[0]
+    if key in first_convs and old.ndim == 4 and new.ndim == 4:
+        how = []
+        if old.shape[1] != new.shape[1]:
+            verb = "summed" if new.shape[1] == 1 else f"repeated, scaled {old.shape[1]}/{new.shape[1]}"
+            how.append(f"{old.shape[1]}→{new.shape[1]} input channels {verb}")
+        if old.shape[2:] != new.shape[2:]:
+            how.append(f"{old.shape[2]}x{old.shape[3]}→{new.shape[2]}x{new.shape[3]} kernel resampled")
+        return f"{name} {', '.join(how)}" if how else f"{name} adapted"
+    if key.endswith("pos_embed") and hasattr(model, "patch_embed"):
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        gh, gw = model.patch_embed.grid_size
+        return f"pos_embed resampled {_grid(old.shape[1] - prefix)}→{gh}x{gw}"
+    return f"{key} {tuple(old.shape)}→{tuple(new.shape)}"
+
+
+def _from_file(arch: str, path: Path, kwargs: dict) -> tuple[nn.Module, list[str]]:
+    """timm.create_model with its pretrained loading pointed at a local file (the hub is never asked), and the
+    notes of what it adapted to the ECG input, for the one line build_model prints."""
+    import timm
+
+    source = read_pretrained(path)
+    cfg = timm.models.get_pretrained_cfg(arch)
+    first_conv = (cfg.first_conv if cfg else None) or ()
+    first_convs = {f"{c}.weight" for c in ((first_conv,) if isinstance(first_conv, str) else first_conv)}
+    heads = (cfg.classifier if cfg else None) or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    # tell timm the file's own class and channel counts, so that it keeps a head of the right size and adapts
+    # the input convolution from the channels the file really has
+    overlay: dict = {"file": str(path), "source": None}
+    file_head = source.get(f"{heads[0]}.weight") if heads else None
+    if file_head is not None and file_head.ndim == 2:
+        overlay["num_classes"] = file_head.shape[0]
+    stem = next((source[k] for k in sorted(first_convs) if k in source and source[k].ndim == 4), None)
+    if stem is not None and cfg is not None and cfg.input_size:
+        overlay["input_size"] = (stem.shape[1], *cfg.input_size[1:])
+    timm_log = logging.getLogger("timm")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # its per-key warnings become the one line below
+    try:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, pretrained_strict=False,
+                                  **kwargs)
+    except Exception as e:
+        sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                           r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(e))
+        why = (f"{sizes[0][0]} is {sizes[0][1]} in the file, {sizes[0][2]} in the model"
+               + (f", and {len(sizes) - 1} more" if len(sizes) > 1 else "")) if sizes else first_line(e)
+        raise PretrainedFileError(f"{path}: its weights do not fit {arch} ({why})") from None
+    finally:
+        timm_log.setLevel(level)
+
+    state = model.state_dict()
+    kept, notes = 0, []
+    for key, new in state.items():
+        old = source.get(key)
+        if old is None or key in head_keys and old.shape != new.shape:  # a head of another size: noted below
+            continue
+        if old.shape == new.shape and torch.equal(old.to(new.dtype), new):
+            kept += 1
+        else:
+            notes.append(_adapted(key, old, new, model, first_convs))
+    body = [k for k in state if k not in head_keys]
+    loaded = sum(k in source for k in body)
+    if loaded < len(body) / 2:
+        raise PretrainedFileError(f"{path}: only {loaded} of {arch}'s {len(body)} tensors are in the file "
+                                  "(weights of another architecture?)")
+    n_classes = kwargs.get("num_classes")
+    file_classes = overlay.get("num_classes")
+    head_names = ", ".join(h for h in heads if f"{h}.weight" in state)
+    if head_names:
+        if file_classes is None:
+            notes.append(f"{head_names} initialised ({n_classes} classes; the file has no classifier)")
+        elif file_classes != n_classes:
+            notes.append(f"{head_names} re-initialised ({file_classes}→{n_classes} classes)")
+        else:
+            notes.append(f"{head_names} kept ({n_classes} classes)")
+    missing = [k for k in body if k not in source]
+    if missing:
+        notes.append(f"not in the file, initialised: {_key_groups(missing)}")
+    unused = [k for k in source if k not in state and k not in head_keys]
+    if unused:
+        notes.append(f"{len(unused)} tensors of the file unused ({_key_groups(unused)})")
+    return model, [f"{kept}/{len(state)} tensors copied as they are", *notes]
+
+
 def build_model(name: str, representation: str, n_samples: int, num_classes: int = 5, n_leads: int = 12,
-                arch: str | None = None, pretrained: bool = False, patch_samples: int = 10, row_repeat: int = 8,
+                arch: str | None = None, pretrained: bool | str = False, patch_samples: int = 10, row_repeat: int = 8,
                 drop_path_rate: float = 0.0, drop_rate: float = 0.0, stem_patch: tuple[int, int] | None = None,
                 timm_kwargs: dict | None = None, **_ignored) -> nn.Module:
     """Build model `name` for inputs of `representation` over `n_samples` time samples. `stem_patch` (convnext
     only) replaces its 4×4 patchify stem by a rows × samples one, e.g. (8, 2) on `rows` = one lead × 20 ms per
     token instead of half a lead × 40 ms, at the same number of tokens. `timm_kwargs` go to timm.create_model as
-    they are (e.g. {ls_init_value = 1.0} for convnext)."""
+    they are (e.g. {ls_init_value = 1.0} for convnext). `pretrained` as a path loads that weights file through
+    timm, which adapts it to the input (channels, patch size, token grid); one line says what changed."""
     if name in NETS1D:
+        if isinstance(pretrained, (str, os.PathLike)):
+            raise ValueError(f"{name} is a 1-D network: pretrained weights files are for the timm families")
         if representation != "signal":
             raise ValueError(f"{name} is a 1-D model: use representation 'signal', not {representation!r}")
         return NETS1D[name](num_classes=num_classes, in_channels=n_leads)
@@ -60,22 +222,41 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
             kwargs["patch_size"] = (14, 16)
         elif representation == "rows":
             kwargs["patch_size"] = (row_repeat, patch_samples)
-    try:
-        model = timm.create_model(arch or TIMM_FAMILIES[name], pretrained=pretrained, **kwargs)
-    except Exception as e:  # timm raises hub/HTTP/OS errors when pretrained weights cannot be fetched
-        if pretrained:
-            raise PretrainedUnavailable(
-                f"cannot fetch pretrained weights for {arch or TIMM_FAMILIES[name]} ({type(e).__name__}: {e}); "
-                "they need the internet (Hugging Face hub) — train from scratch with pretrained = false") from None
-        raise
+    timm_arch = arch or TIMM_FAMILIES[name]
+    if stem_patch and name != "convnext":
+        raise ValueError(f"stem_patch is a convnext option, not {name}'s")
+    notes = None
+    if isinstance(pretrained, (str, os.PathLike)):
+        model, notes = _from_file(timm_arch, Path(pretrained).expanduser(), kwargs)
+    else:
+        try:
+            model = timm.create_model(timm_arch, pretrained=bool(pretrained), **kwargs)
+        except Exception as e:  # timm raises hub/HTTP/OS errors when pretrained weights cannot be fetched
+            if pretrained:
+                raise PretrainedUnavailable(
+                    f"cannot fetch pretrained weights for {timm_arch} ({type(e).__name__}: {e}); they need the "
+                    "internet (Hugging Face hub) — download them elsewhere and set pretrained = \"/path/to/file"
+                    ".safetensors\", or train from scratch with pretrained = false") from None
+            raise
     if stem_patch:
-        if name != "convnext":
-            raise ValueError(f"stem_patch is a convnext option, not {name}'s")
         stem = model.stem[0]  # timm builds the patch stem from an int only (its stride bookkeeping needs one)
         model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=tuple(stem_patch),
                                   stride=tuple(stem_patch), bias=stem.bias is not None)
+        if notes is not None:  # keep the pretrained stem, resampled as timm resamples ViT patch embeddings
+            from timm.layers import resample_patch_embed
+
+            with torch.no_grad():
+                model.stem[0].weight.copy_(resample_patch_embed(stem.weight, list(stem_patch)))
+                if stem.bias is not None:
+                    model.stem[0].bias.copy_(stem.bias)
+            notes.append(f"stem.0 {stem.kernel_size[0]}x{stem.kernel_size[1]}→{stem_patch[0]}x{stem_patch[1]} "
+                         "kernel resampled (stem_patch)")
     if representation == "strip":
         time_only_kernels(model)
+        if notes is not None:
+            notes.append("then every kernel cut to its middle row (strip)")
+    if notes is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretrained weights from {Path(pretrained).expanduser()}: {'; '.join(notes)}", flush=True)
     return model
 
 

@@ -194,14 +194,29 @@ def test_bad_input_is_one_line(sample_cache, tmp_path, monkeypatch, capsys):
     assert "unknown model 'alexnet'" in error("--model", "alexnet", "--data", str(sample_cache))
     assert "not a database URL" in error(*tune_args(sample_cache, 1, "--storage", "not a url"))
     assert "cannot open storage" in error(*tune_args(sample_cache, 1, "--storage", "nosuchdb://host/db"))
-    err = error(*tune_args(sample_cache, 1, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db"))
-    assert "s3cret" not in err  # the password never reaches the log
+    for url in ("postgresql://me:s3cret@127.0.0.1:1/db", "postgresql://me@127.0.0.1:1/db?password=s3cret",
+                "postgresql//me:s3cret@127.0.0.1:1/db"):  # the last one does not parse: masked all the same
+        err = error(*tune_args(sample_cache, 1, "--storage", url))
+        assert "s3cret" not in err and "***" in err, err  # the password never reaches the log
+    assert "cannot open storage postgresql://me:***@127.0.0.1:1/db: OperationalError" in error(
+        *tune_args(sample_cache, 1, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db"))
     assert "no complete data cache" in error(*tune_args(tmp_path / "nothing", 1))
     monkeypatch.setattr(config_mod, "search_space", lambda model: {"lrr": [1e-3]})
     assert "'lrr' is not a key" in error(*tune_args(sample_cache, 1))
     with pytest.raises(SystemExit) as e:
         tune.main(["--help"])
     assert e.value.code == 0 and "OPTUNA_STORAGE" in capsys.readouterr().out
+
+
+def test_storage_passwords_are_masked_in_urls_and_driver_messages():
+    assert tune.redact("postgresql://tuner:p%40ss%2Fw@db.example:5432/optuna") == \
+        "postgresql://tuner:***@db.example:5432/optuna"
+    assert tune.redact("postgresql://tuner@db/optuna?sslmode=require&password=pw1") == \
+        "postgresql://tuner@db/optuna?password=***&sslmode=require"
+    assert tune.redact(f"sqlite:///{REPO}/study.db") == f"sqlite:///{REPO}/study.db"
+    url = "postgresql://tuner:p%40ss%2Fw@db/optuna"
+    assert tune.scrub(f"failed for {url} (password p@ss/w, sent as p%40ss%2Fw)", url) == \
+        "failed for postgresql://tuner:***@db/optuna (password ***, sent as ***)"
 
 
 def test_best_config_written_while_other_workers_run_says_it_is_provisional(tmp_path):
