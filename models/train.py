@@ -36,7 +36,7 @@ from shared.cache import CacheError, open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
 from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load_weights, read_json,  # noqa: E402
                        save_checkpoint, save_weights, write_json_atomic)
-from shared.nets import MODELS, architecture_kwargs, build_model, count_parameters  # noqa: E402
+from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters  # noqa: E402
 from shared.paths import data_cache_dir, runs_dir  # noqa: E402
 from shared.training import InputAdapter, predict_batches, scores, train_step  # noqa: E402
 
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
                                                 **training_normalization(data_dir)})
     try:
         result = train(cfg, out, data_dir, args.resume, progress=not args.no_progress)
-    except (CacheError, NoFullBatch) as e:
+    except (CacheError, NoFullBatch, PretrainedUnavailable) as e:
         return refuse(str(e))
     except UnsafeCheckpoint as e:  # last.pt, read to resume
         return refuse(f"{e}; --force to start the run over")

@@ -220,3 +220,13 @@ def test_make_set_passes_a_quoted_path(tmp_path):
     value = args[args.index("--set") + 1]
     assert value == f"pretrained={weights}" and config_mod.parse_value(value.split("=", 1)[1]) == weights
     assert args[args.index("--representation") + 1] == "seed"
+
+
+def test_hub_weights_without_the_internet_are_one_line(sample_cache, tmp_path):
+    """pretrained = true needs the hub; offline, training stops in one line that points at the file option."""
+    r = run_module("models.train", "--model", "vit", "--profile", "quick", "--data", sample_cache,
+                   "--out", tmp_path / "run", "--no-progress", "--set", "pretrained=true",
+                   env={"HF_HUB_OFFLINE": "1"})
+    errors = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "pretrained = \"/path/to/file" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "metrics.json").exists()
