@@ -43,7 +43,7 @@ MINI_DATA      := $(CURDIR)/tests/data/ptbxl-mini
 DEMO_DATA      ?= $(or $(PTBXL_DIR),$(MINI_DATA))
 DEMO_SET       := --set epochs=6 --set max_train_records=100000 --set max_train_batches=35
 # JOBS: how many models train-all, compress-all and demo work on at once, each on NPROC/JOBS threads. On the
-# 2-core machine two one-thread jobs did 1.3x the work of one two-thread job (README, "make all"); JOBS=1 runs
+# 2-core machine two one-thread jobs did 1.3x the work of one two-thread job (docs/design.md); JOBS=1 runs
 # one model at a time on every core (use it on a single GPU, or to reproduce a run's exact floating-point path).
 NPROC       := $(shell nproc 2>/dev/null || echo 1)
 JOBS        ?= $(if $(filter 1,$(NPROC)),1,2)
@@ -123,7 +123,7 @@ prune-%: $(VENV_STAMP)  ## L1-prune 40 % of the conv weights of a trained model,
 	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods prune
 
 # PT2E's X86 quantizer cannot annotate resnet1d_wang's Conv1d-BN-ReLU pattern, and inductor cannot lower
-# xresnet1d101's converted int8 graph (README, Compression): dynamic here, int8 convs via `make export-<model>`
+# xresnet1d101's converted int8 graph (docs/design.md): dynamic here, int8 convs via `make export-<model>`
 QUANT_METHODS_resnet1d_wang := dynamic
 QUANT_METHODS_xresnet1d101 := dynamic
 

@@ -67,7 +67,7 @@ QUANT_OPS = ("Conv", "MatMul", "Gemm")   # int8 kernels; Add/Mul/Softmax/LayerNo
 KEEP_STEM_FP32 = True           # the Conv/MatMul/Gemm that reads the model input stays fp32
 KEEP_ACTIVATION_MATMULS_FP32 = True      # MatMuls with no constant operand (attention QKᵀ, AV)
 COMPARE_RECORDS = 32            # val records for max_abs_diff_vs_torch
-AUC_WARN = 0.005                # warn when int8 loses more val macro AUC than this (issue 4's budget)
+AUC_WARN = 0.005                # warn when int8 loses more val macro AUC than this (the deploy budget)
 EVAL_CHUNK = 256
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -134,7 +134,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         return bce(logits, y * (1 - smoothing) + 0.5 * smoothing if smoothing else y)
 
     # AMP on CUDA; bf16 autocast on CPU only where a config asks: on this 2-core AVX-512 CPU it made
-    # these small models 2-3x slower (README, "CPU notes")
+    # these small models 2-3x slower (docs/benchmarks.md)
     amp = bool(cfg.get("amp_cuda", True)) if device.type == "cuda" else bool(cfg.get("bf16_cpu", False))
     channels_last = bool(cfg.get("channels_last", False)) and cfg["representation"] != "signal"
     if channels_last:
