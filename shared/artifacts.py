@@ -382,6 +382,10 @@ def load_variant(variant_dir: str | Path, compiled: bool = False) -> tuple[nn.Mo
     if method == "dynamic":
         model = build_from_config(cfg, cfg.get("sampling_rate", 100))
         return channels_last_if_configured(load_dynamic(variant_dir / info["artifact"], model), cfg), cfg, info
+    if method == "structured":  # a narrower dense network: the run's architecture resized by shapes.json
+        from shared.structured import load_structured
+
+        return channels_last_if_configured(load_structured(variant_dir, cfg), cfg), cfg, info
     if method in ("static", "qat"):
         if compiled:
             return load_compiled(variant_dir, info["artifact"]), cfg, info
