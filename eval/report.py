@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 from shared.io import first_line, library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
 from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir  # noqa: E402
 from shared.results import (COLLAPSE_AUC, DEPLOY_AUC_BUDGET, deploy_choice, paired_test_difference,  # noqa: E402
-                            run_seed, test_predictions)
+                            run_seed, run_teacher, test_predictions)
 
 # Quoted, not measured here: test-fold (fold 10) macro AUC on the FULL PTB-XL, diagnostic superclasses,
 # from the PTB-XL benchmark leaderboard (Strodthoff et al., IEEE JBHI 2021, doi:10.1109/JBHI.2020.3022989;
@@ -138,7 +138,8 @@ def paired_against(results: list[dict], reference_model: str, n_resamples: int) 
     compressed = [compare(r, fp32[r["run"]]) for r in results
                   if r["variant"] != "fp32" and r["run"] in fp32 and r["splits"]["test"]["macro_auc"] is not None]
     seeds = {run: run_seed(runs_dir() / run) for run in fp32}
-    refs = {seeds[run]: r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"}
+    refs = {seeds[run]: r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"
+            and not run_teacher(runs_dir() / run)}  # a distilled reference is not the reference
     vs_ref = [compare(r, refs[seeds[run]]) for run, r in fp32.items()
               if r["model"] != reference_model and seeds[run] in refs]
     return [c for c in compressed if c], sorted((c for c in vs_ref if c), key=lambda c: -c["delta"])
