@@ -84,7 +84,7 @@ def run_table() -> list[dict]:
         rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
                      "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": cfg.get("seed", 0),
                      "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
-                     "train_s": d.get("train_seconds")})
+                     "train_s": d.get("train_seconds"), "teacher": cfg.get("teacher") or None})
     return rows
 
 
@@ -92,7 +92,8 @@ def seed_vs_default(runs: list[dict]) -> list[dict]:
     from shared.config import resolve
 
     out = []
-    runs = [r for r in runs if r.get("seed", 0) == 0]  # what train-all trains; extra seeds are summarize's business
+    # what train-all trains; extra seeds and distilled runs are summarize's business
+    runs = [r for r in runs if r.get("seed", 0) == 0 and not r.get("teacher")]
     for r in runs:
         if r["representation"] != "seed" or r["config"] != "default":
             continue
@@ -107,7 +108,7 @@ def seed_vs_default(runs: list[dict]) -> list[dict]:
 
 def tuned_vs_default(runs: list[dict]) -> list[dict]:
     out = []
-    runs = [r for r in runs if r.get("seed", 0) == 0]
+    runs = [r for r in runs if r.get("seed", 0) == 0 and not r.get("teacher")]
     for r in runs:
         if r["config"] != "tuned":
             continue
@@ -143,6 +144,24 @@ def paired_against(results: list[dict], reference_model: str, n_resamples: int) 
     vs_ref = [compare(r, refs[seeds[run]]) for run, r in fp32.items()
               if r["model"] != reference_model and seeds[run] in refs]
     return [c for c in compressed if c], sorted((c for c in vs_ref if c), key=lambda c: -c["delta"])
+
+
+def distilled_vs_plain(results: list[dict], n_resamples: int) -> list[dict]:
+    """Each distilled run's fp32 model against its plain twin's (same model, layout, config and seed), paired on the
+    same test records."""
+    def compare(a, b):
+        d = paired_test_difference(*(test_predictions(eval_dir() / r["artifact"] / "predictions.npz") for r in (a, b)),
+                                   n_resamples)
+        return d and {"artifact": a["artifact"], "against": b["artifact"], **d}
+
+    def key(r):
+        return r["model"], r["representation"], r["config"], run_seed(runs_dir() / r["run"])
+
+    fp32 = [r for r in results if r["variant"] == "fp32" and r["splits"]["test"]["macro_auc"] is not None]
+    taught = {r["run"]: bool(run_teacher(runs_dir() / r["run"])) for r in fp32}
+    plain = {key(r): r for r in fp32 if not taught[r["run"]]}
+    pairs = [compare(r, plain[key(r)]) for r in fp32 if taught[r["run"]] and key(r) in plain]
+    return [c for c in pairs if c]
 
 
 def paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -388,6 +407,12 @@ def build(out: Path) -> tuple[Path, Path]:
         sections.append((f"Each model against {REFERENCE_MODEL}", f"fp32 test macro AUC minus {REFERENCE_MODEL}'s "
                          "(the PTB-XL benchmark's best 1-D model, trained here on the same data; same seed), on the "
                          "same records, paired bootstrap as above.", [("table", *paired_table(vs_ref))]))
+    kd = distilled_vs_plain(results, ci_resamples)
+    if kd:
+        sections.append(("Distilled vs plain", "Each model trained with a teacher (`-kd`, README \"Distillation\") "
+                         "against the same model, layout, config and seed trained on the labels alone: fp32 test "
+                         "macro AUC difference on the same records, paired bootstrap as above.",
+                         [("table", *paired_table(kd))]))
 
     svd = seed_vs_default(runs)
     if svd:

@@ -230,3 +230,23 @@ def test_summary_shows_each_distilled_run_against_its_plain_twin(tmp_path):
     assert [g["config"] for g in summarize.seed_spread(rows)] == ["default + kd(resnet1d_wang)"]
     md = summarize.markdown(rows, [], "cpu", kd=kd)
     assert "### Distilled (`-kd`) vs plain" in md and "| vit-leads-cpu-kd | resnet1d_wang | vit-leads-cpu |" in md
+
+
+def test_report_pairs_each_distilled_fp32_model_with_its_plain_twin(tmp_path, monkeypatch):
+    from eval.report import distilled_vs_plain
+
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path))
+    rng = np.random.default_rng(1)
+    labels = (rng.random((80, 5)) < 0.3).astype(np.float32)
+    results = []
+    for run, teacher, signal in (("vit-leads-cpu", None, 0.2), ("vit-leads-cpu-kd", "resnet1d_wang", 0.5),
+                                 ("deit-leads-cpu-kd", "resnet1d_wang", 0.5)):  # deit: no plain twin
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "config.json").write_text(json.dumps({"seed": 0, "teacher": teacher}))
+        (tmp_path / "eval" / f"{run}-fp32").mkdir(parents=True)
+        np.savez(tmp_path / "eval" / f"{run}-fp32" / "predictions.npz", test_labels=labels,
+                 test_probs=signal * labels + (1 - signal) * rng.random((80, 5)).astype(np.float32))
+        results.append({"artifact": f"{run}-fp32", "run": run, "variant": "fp32", "model": run.split("-")[0],
+                        "representation": "leads", "config": "default", "splits": {"test": {"macro_auc": 0.7}}})
+    (pair,) = distilled_vs_plain(results, n_resamples=50)
+    assert (pair["artifact"], pair["against"]) == ("vit-leads-cpu-kd-fp32", "vit-leads-cpu-fp32") and pair["delta"] > 0
