@@ -196,6 +196,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
             if teacher is not None:  # the same crop through the teacher's own representation, never a test record
                 with autocast(device, amp):
                     soft = teacher_logits(teacher, crop.to(device, non_blocking=True))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # time the teacher's kernels, not their launch
                 teacher_s += time.perf_counter() - t1
             losses.append(train_step(ddp_model, optimizer, loss_fn, inputs, (y, soft), device, amp,
                                      cfg.get("grad_clip", 0), scaler))
