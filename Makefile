@@ -30,11 +30,30 @@ ALL_REPRS  := seed rows leads strip signal
 ifneq ($(filter-out $(ALL_REPRS),$(REPR)),)
 $(error REPR=$(REPR): unknown representation; choose from $(ALL_REPRS))
 endif
+# TEACHER=a[,b]: train-<m>, seeds-<m> and tune-<m> distil from these models' runs of the same PROFILE, SEED and
+# CONFIG (trained first when missing; a run folder path is used as it is). Names are checked here, before any work.
+TEACHER    ?=
+TEACHERS   := $(subst $(,), ,$(TEACHER))
+TEACHER_MODELS := $(foreach t,$(TEACHERS),$(if $(findstring /,$(t)),,$(t)))
+BAD_TEACHER := $(firstword $(filter-out $(ALL_MODELS),$(TEACHER_MODELS)))
+SELF_TAUGHT := $(firstword $(filter $(foreach g,train seeds tune,$(addprefix $(g)-,$(TEACHER_MODELS))),$(MAKECMDGOALS)))
+KD_GOALS    := $(filter all train-all seeds-all tune-all bakeoff demo,$(MAKECMDGOALS))
+ifneq ($(BAD_TEACHER),)
+$(error TEACHER=$(TEACHER): unknown model '$(BAD_TEACHER)'; choose from $(ALL_MODELS), or give a run folder path)
+else ifneq ($(SELF_TAUGHT),)
+$(error make $(SELF_TAUGHT) TEACHER=$(TEACHER): a model cannot be its own teacher)
+else ifneq ($(and $(TEACHER),$(KD_GOALS)),)
+$(error make $(firstword $(KD_GOALS)) TEACHER=$(TEACHER): TEACHER applies to train-<model>, seeds-<model> and tune-<model>)
+endif
 CONFIG     ?= default
 SET        ?=
 SEED       ?=
 SEEDS      ?= 1 2
-TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(if $(SEED),--set seed=$(SEED)) $(foreach s,$(SET),--set $(s))
+TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(if $(SEED),--set seed=$(SEED)) $(foreach s,$(SET),--set $(s)) $(if $(TEACHER),--set teacher=$(TEACHER))
+# each teacher model's run (of SEED when given), as `make train-<teacher>` makes it: REPR and SET are the student's
+TRAIN_TEACHERS = $(foreach t,$(TEACHER_MODELS),$(MAKE) --no-print-directory train-$(t) TEACHER= REPR= SET= NO_DATA=1 $(1) &&) true
+# the compression targets pick the distilled run (<run>-kd) when TEACHER is given
+KD_RUN      = $(if $(TEACHER),--kd)
 
 # make demo: the whole pipeline in minutes, in its own artifacts folder, on PTBXL_DIR when given, else on the real
 # PTB-XL subset shipped in tests/data/ptbxl-mini. Longer than the quick profile so the numbers mean something.
@@ -89,7 +108,8 @@ synth: $(VENV_STAMP)  ## write a synthetic PTB-XL folder (RECORDS=200, OUT=artif
 bench-data: $(VENV_STAMP)  ## benchmark make data vs a wfdb.rdsamp loop, and a full-size synthetic build
 	$(PYTHON) -m data_prep.benchmark
 
-train-%: $(DATA_DEP)  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, SEED, RESUME=1)
+train-%: $(DATA_DEP)  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, SEED, RESUME=1, TEACHER)
+	$(if $(TEACHER_MODELS),$(call TRAIN_TEACHERS))
 	$(PYTHON) -m models.train --model $* $(TRAIN_ARGS)
 
 train-all: $(DATA_DEP)  ## train every model with its default representation, JOBS at a time
@@ -103,6 +123,7 @@ bakeoff: train-all  ## also train the four 2-D families with the seed recipe, th
 # extra seeds: each `model seed` pair is one job; xargs runs JOBS of them at once (each on JOB_THREADS threads)
 SEED_JOBS = $(JOB_ENV) xargs -P $(JOBS) -L 1 sh -c '$(PYTHON) -m models.train --model "$$0" --set seed="$$1" $(TRAIN_ARGS) --no-progress'
 seeds-%: $(DATA_DEP)  ## train SEEDS="1 2" more seeds of one model (beside seed 0), JOBS at a time, then the summary (mean ± sd)
+	$(if $(TEACHER_MODELS),$(foreach s,$(SEEDS),$(call TRAIN_TEACHERS,SEED=$(s)) &&) true)
 	printf '$* %s\n' $(SEEDS) | $(SEED_JOBS)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
@@ -114,13 +135,14 @@ summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 .PHONY: tune-all
-tune-%: $(DATA_DEP)  ## Optuna-tune one model on validation AUC (PROFILE, TRIALS=20 in total, TIMEOUT=3600 s, OPTUNA_STORAGE, SET="k=v …" fixes keys)
-	$(PYTHON) -m models.tune --model $* --profile $(PROFILE) --trials $(TRIALS) --timeout $(TIMEOUT) $(foreach s,$(SET),--set $(s))
+tune-%: $(DATA_DEP)  ## Optuna-tune one model on validation AUC (PROFILE, TRIALS=20 in total, TIMEOUT=3600 s, OPTUNA_STORAGE, SET="k=v …" fixes keys, TEACHER)
+	$(if $(TEACHER_MODELS),$(call TRAIN_TEACHERS,CONFIG=default))
+	$(PYTHON) -m models.tune --model $* --profile $(PROFILE) --trials $(TRIALS) --timeout $(TIMEOUT) $(foreach s,$(SET),--set $(s)) $(if $(TEACHER),--set teacher=$(TEACHER))
 
 tune-all: $(addprefix tune-,$(ALL_MODELS))  ## tune every model; then `make train-all CONFIG=tuned`
 
 prune-%: $(VENV_STAMP)  ## L1-prune 40 % of the conv weights of a trained model, fine-tune, make permanent
-	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods prune
+	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN) --methods prune
 
 # PT2E's X86 quantizer cannot annotate resnet1d_wang's Conv1d-BN-ReLU pattern, and inductor cannot lower
 # xresnet1d101's converted int8 graph (docs/design.md): dynamic here, int8 convs via `make export-<model>`
@@ -128,10 +150,10 @@ QUANT_METHODS_resnet1d_wang := dynamic
 QUANT_METHODS_xresnet1d101 := dynamic
 
 quantize-%: $(VENV_STAMP)  ## dynamic, static (PT2E, calibrated) and QAT int8 variants of a trained model
-	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --methods $(or $(QUANT_METHODS_$*),dynamic$(,)static$(,)qat)
+	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN) --methods $(or $(QUANT_METHODS_$*),dynamic$(,)static$(,)qat)
 
 bench-compress-%: $(VENV_STAMP)  ## size / MACs / AUC / CPU speed-ups of every variant of a model, side by side (ISA=AVX2 adds capped figures)
-	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE) $(if $(ISA),--isa $(ISA))
+	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE)$(if $(TEACHER),-kd) $(if $(ISA),--isa $(ISA))
 
 prune-all: $(VENV_STAMP)  ## prune every trained model, JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix prune-,$(TRAIN_ORDER))
@@ -142,10 +164,10 @@ compress-all: $(VENV_STAMP)  ## every compression and export of every trained mo
 	  $(addprefix export-,$(TRAIN_ORDER)) $(addprefix export-openvino-,$(TRAIN_ORDER))
 
 export-openvino-%: $(VENV_STAMP)  ## OpenVINO fp32 IR + NNCF int8 (calibrated as static int8) of a trained model's run
-	$(PYTHON) -m compression.openvino_export --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
+	$(PYTHON) -m compression.openvino_export --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN)
 
 export-%: $(VENV_STAMP)  ## ONNX fp32 + ONNX Runtime static int8 (QDQ, calibrated) of a trained model's run
-	$(PYTHON) -m compression.export_onnx --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR))
+	$(PYTHON) -m compression.export_onnx --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN)
 
 export: $(VENV_STAMP)  ## ONNX fp32 + int8 of the best run of PROFILE by val macro AUC
 	$(PYTHON) -m compression.export_onnx --best --profile $(PROFILE)

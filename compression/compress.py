@@ -269,6 +269,8 @@ def main(argv=None) -> int:
     src.add_argument("--run", type=Path, help="a training run folder")
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
     ap.add_argument("--representation", default=os.environ.get("REPR") or None)
+    ap.add_argument("--kd", action="store_true",
+                    help="with --model: its distilled run (<run>-kd, from make train-<model> TEACHER=…)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of %(default)s")
     ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
     ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) {bad}; choose from {METHODS}", file=sys.stderr)
         return 2
     try:
-        run = args.run or art.find_run(args.model, args.profile, args.representation)
+        run = args.run or art.find_run(args.model, args.profile, args.representation, args.kd)
         compress(run, methods, args.data, args.out, args.force)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

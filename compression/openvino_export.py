@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     src.add_argument("--model", choices=MODELS, help="export artifacts/runs/<model>-<repr>-<profile>")
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
     ap.add_argument("--representation", default=os.environ.get("REPR") or None)
+    ap.add_argument("--kd", action="store_true",
+                    help="with --model: its distilled run (<run>-kd, from make train-<model> TEACHER=…)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of %(default)s")
     ap.add_argument("--calibration-batches", type=int, default=None,
                     help=f"training batches for int8 calibration (default {CALIBRATION_BATCHES}, quick "
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.model:
-            run = art.find_run(args.model, args.profile, args.representation)
+            run = art.find_run(args.model, args.profile, args.representation, args.kd)
         else:
             run = args.run if args.run.exists() else runs_dir() / str(args.run)
             if not (run / "best.safetensors").exists():

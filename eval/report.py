@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 from shared.io import first_line, library_versions, read_json, write_bytes_atomic, write_text_atomic  # noqa: E402
 from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir  # noqa: E402
 from shared.results import (COLLAPSE_AUC, DEPLOY_AUC_BUDGET, deploy_choice, paired_test_difference,  # noqa: E402
-                            run_seed, test_predictions)
+                            run_seed, run_teacher, test_predictions)
 
 # Quoted, not measured here: test-fold (fold 10) macro AUC on the FULL PTB-XL, diagnostic superclasses,
 # from the PTB-XL benchmark leaderboard (Strodthoff et al., IEEE JBHI 2021, doi:10.1109/JBHI.2020.3022989;
@@ -84,7 +84,7 @@ def run_table() -> list[dict]:
         rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
                      "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": cfg.get("seed", 0),
                      "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
-                     "train_s": d.get("train_seconds")})
+                     "train_s": d.get("train_seconds"), "teacher": cfg.get("teacher") or None})
     return rows
 
 
@@ -92,7 +92,8 @@ def seed_vs_default(runs: list[dict]) -> list[dict]:
     from shared.config import resolve
 
     out = []
-    runs = [r for r in runs if r.get("seed", 0) == 0]  # what train-all trains; extra seeds are summarize's business
+    # what train-all trains; extra seeds and distilled runs are summarize's business
+    runs = [r for r in runs if r.get("seed", 0) == 0 and not r.get("teacher")]
     for r in runs:
         if r["representation"] != "seed" or r["config"] != "default":
             continue
@@ -107,7 +108,7 @@ def seed_vs_default(runs: list[dict]) -> list[dict]:
 
 def tuned_vs_default(runs: list[dict]) -> list[dict]:
     out = []
-    runs = [r for r in runs if r.get("seed", 0) == 0]
+    runs = [r for r in runs if r.get("seed", 0) == 0 and not r.get("teacher")]
     for r in runs:
         if r["config"] != "tuned":
             continue
@@ -138,10 +139,29 @@ def paired_against(results: list[dict], reference_model: str, n_resamples: int) 
     compressed = [compare(r, fp32[r["run"]]) for r in results
                   if r["variant"] != "fp32" and r["run"] in fp32 and r["splits"]["test"]["macro_auc"] is not None]
     seeds = {run: run_seed(runs_dir() / run) for run in fp32}
-    refs = {seeds[run]: r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"}
+    refs = {seeds[run]: r for run, r in fp32.items() if r["model"] == reference_model and r["config"] == "default"
+            and not run_teacher(runs_dir() / run)}  # a distilled reference is not the reference
     vs_ref = [compare(r, refs[seeds[run]]) for run, r in fp32.items()
               if r["model"] != reference_model and seeds[run] in refs]
     return [c for c in compressed if c], sorted((c for c in vs_ref if c), key=lambda c: -c["delta"])
+
+
+def distilled_vs_plain(results: list[dict], n_resamples: int) -> list[dict]:
+    """Each distilled run's fp32 model against its plain twin's (same model, layout, config and seed), paired on the
+    same test records."""
+    def compare(a, b):
+        d = paired_test_difference(*(test_predictions(eval_dir() / r["artifact"] / "predictions.npz") for r in (a, b)),
+                                   n_resamples)
+        return d and {"artifact": a["artifact"], "against": b["artifact"], **d}
+
+    def key(r):
+        return r["model"], r["representation"], r["config"], run_seed(runs_dir() / r["run"])
+
+    fp32 = [r for r in results if r["variant"] == "fp32" and r["splits"]["test"]["macro_auc"] is not None]
+    taught = {r["run"]: bool(run_teacher(runs_dir() / r["run"])) for r in fp32}
+    plain = {key(r): r for r in fp32 if not taught[r["run"]]}
+    pairs = [compare(r, plain[key(r)]) for r in fp32 if taught[r["run"]] and key(r) in plain]
+    return [c for c in pairs if c]
 
 
 def paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -387,6 +407,12 @@ def build(out: Path) -> tuple[Path, Path]:
         sections.append((f"Each model against {REFERENCE_MODEL}", f"fp32 test macro AUC minus {REFERENCE_MODEL}'s "
                          "(the PTB-XL benchmark's best 1-D model, trained here on the same data; same seed), on the "
                          "same records, paired bootstrap as above.", [("table", *paired_table(vs_ref))]))
+    kd = distilled_vs_plain(results, ci_resamples)
+    if kd:
+        sections.append(("Distilled vs plain", "Each model trained with a teacher (`-kd`, README \"Distillation\") "
+                         "against the same model, layout, config and seed trained on the labels alone: fp32 test "
+                         "macro AUC difference on the same records, paired bootstrap as above.",
+                         [("table", *paired_table(kd))]))
 
     svd = seed_vs_default(runs)
     if svd:

@@ -5,6 +5,8 @@ Prints Markdown and writes artifacts/runs/summary-<profile>.md + .json. Selectio
 test AUC is shown for the record. With 200-odd test records one run's test AUC moves by a few hundredths
 with the seed alone: `make seeds-<model>` adds seeds (mean ± sd here), and the paired bootstrap against the
 reference (resnet1d_wang by default, same seed) says whether a difference is more than the test fold's luck.
+A distilled run (`-kd`, trained with a teacher) is shown against its plain twin (same model, layout, config and
+seed), paired on the same test records.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ if str(REPO) not in sys.path:
 
 from shared.io import write_json_atomic, write_text_atomic  # noqa: E402
 from shared.paths import runs_dir  # noqa: E402
-from shared.results import paired_test_difference, run_seed, test_predictions  # noqa: E402
+from shared.results import paired_test_difference, run_seed, run_teacher, test_predictions  # noqa: E402
 
 
 def collect(root: Path, profile: str) -> list[dict]:
@@ -34,7 +36,7 @@ def collect(root: Path, profile: str) -> list[dict]:
                      "val_auc": m["val"]["macro_auc"],
                      "test_auc": m["test"]["macro_auc"], "params": m["params"], "train_seconds": m["train_seconds"],
                      "epochs": m["epochs_run"], "best_epoch": m["best_epoch"], "data_share": m.get("data_time_share"),
-                     "samples_per_s": m.get("train_samples_per_s")})
+                     "samples_per_s": m.get("train_samples_per_s"), "teacher": run_teacher(path.parent, m)})
     return rows
 
 
@@ -44,7 +46,8 @@ def bakeoff(rows: list[dict]) -> list[dict]:
     from shared import config as config_mod
 
     out = []
-    by = {(r["model"], r["representation"]): r for r in rows if r["config"] == "default" and r["seed"] == 0}
+    by = {(r["model"], r["representation"]): r for r in rows
+          if r["config"] == "default" and r["seed"] == 0 and not r["teacher"]}
     for model in sorted({r["model"] for r in rows}):
         seed = by.get((model, "seed"))
         other = [r for (m, rep), r in by.items() if m == model and rep not in ("seed",)]
@@ -59,16 +62,17 @@ def bakeoff(rows: list[dict]) -> list[dict]:
 
 
 def seed_spread(rows: list[dict]) -> list[dict]:
-    """mean ± sd of val and test AUC over the seeds of each (model, layout, config) that has two or more."""
+    """mean ± sd of val and test AUC over the seeds of each (model, layout, config, teacher) that has two or more."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["representation"], r["config"]), []).append(r)
+        groups.setdefault((r["model"], r["representation"], r["config"], r["teacher"] or ""), []).append(r)
     out = []
-    for (model, rep, config), rs in sorted(groups.items()):
+    for (model, rep, config, teacher), rs in sorted(groups.items()):
         if len(rs) < 2:
             continue
         val, test = [r["val_auc"] for r in rs], [r["test_auc"] for r in rs]
-        out.append({"model": model, "representation": rep, "config": config, "seeds": sorted(r["seed"] for r in rs),
+        out.append({"model": model, "representation": rep, "config": config + (f" + kd({teacher})" if teacher else ""),
+                    "seeds": sorted(r["seed"] for r in rs),
                     "val_mean": statistics.mean(val), "val_sd": statistics.stdev(val),
                     "test_mean": statistics.mean(test), "test_sd": statistics.stdev(test),
                     "test_min": min(test), "test_max": max(test)})
@@ -83,8 +87,8 @@ def against_reference(rows: list[dict], root: Path, reference: str, n_resamples:
     if not rows:
         return []
     ref_layout = config_mod.resolve(reference, rows[0]["profile"])["representation"]  # rows share one profile
-    ref_by_seed = {r["seed"]: r for r in rows
-                   if r["model"] == reference and r["config"] == "default" and r["representation"] == ref_layout}
+    ref_by_seed = {r["seed"]: r for r in rows if r["model"] == reference and r["config"] == "default"
+                   and r["representation"] == ref_layout and not r["teacher"]}
     ref_preds = {seed: test_predictions(root / r["run"] / "predictions.npz") for seed, r in ref_by_seed.items()}
     out = []
     for r in sorted(rows, key=lambda r: (r["model"], r["representation"], r["config"], r["seed"])):
@@ -99,8 +103,39 @@ def against_reference(rows: list[dict], root: Path, reference: str, n_resamples:
     return out
 
 
+def distilled_vs_plain(rows: list[dict], root: Path, n_resamples: int = 1000) -> list[dict]:
+    """Each distilled run against its plain twin (same model, layout, config, seed): validation AUC difference, and
+    the test macro AUC difference with a paired bootstrap interval when both predicted the same test records."""
+    plain = {(r["model"], r["representation"], r["config"], r["seed"]): r for r in rows if not r["teacher"]}
+    out = []
+    for r in sorted((r for r in rows if r["teacher"]), key=lambda r: (r["model"], r["representation"], r["seed"])):
+        twin = plain.get((r["model"], r["representation"], r["config"], r["seed"]))
+        if twin is None:
+            continue
+        d = paired_test_difference(*(test_predictions(root / x["run"] / "predictions.npz") for x in (r, twin)),
+                                   n_resamples)
+        out.append({"run": r["run"], "plain": twin["run"], "teacher": r["teacher"], "seed": r["seed"],
+                    "val_kd": r["val_auc"], "val_plain": twin["val_auc"], "delta_val": r["val_auc"] - twin["val_auc"],
+                    "paired": d})
+    return out
+
+
+def distilled_lines(kd: list[dict]) -> list[str]:
+    lines = ["", "### Distilled (`-kd`) vs plain: same model, layout, config and seed (test: paired bootstrap, 95 %)",
+             "", "| run | teacher | plain run | val kd | val plain | Δ val | test kd | test plain | Δ test | "
+             "95 % interval |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for k in kd:
+        p = k["paired"]
+        test = (f"{p['a']:.4f} | {p['b']:.4f} | {p['delta']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}]" if p
+                else "– | – | – | not the same records")
+        lines.append(f"| {k['run']} | {k['teacher']} | {k['plain']} | {k['val_kd']:.4f} | {k['val_plain']:.4f} | "
+                     f"{k['delta_val']:+.4f} | {test} |")
+    return lines
+
+
 def markdown(rows: list[dict], bake: list[dict], profile: str, spread: list[dict] = (),
-             paired: list[dict] = (), reference: str = "") -> str:
+             paired: list[dict] = (), reference: str = "", kd: list[dict] = ()) -> str:
     lines = [f"### Training runs (profile `{profile}`)", "",
              "| run | params | epochs (best) | train s | samples/s | data share | val macro AUC | test macro AUC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -137,6 +172,8 @@ def markdown(rows: list[dict], bake: list[dict], profile: str, spread: list[dict
         for p in paired:
             lines.append(f"| {p['run']} | {p['reference']} | {p['a']:.4f} | {p['b']:.4f} | {p['delta']:+.4f} | "
                          f"[{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_a_better']:.2f} |")
+    if kd:
+        lines += distilled_lines(kd)
     return "\n".join(lines) + "\n"
 
 
@@ -156,10 +193,12 @@ def main(argv=None) -> int:
         return 2
     bake, spread = bakeoff(rows), seed_spread(rows)
     paired = [] if args.reference == "none" else against_reference(rows, root, args.reference, args.resamples)
-    md = markdown(rows, bake, args.profile, spread, paired, args.reference)
+    kd = distilled_vs_plain(rows, root, args.resamples)
+    md = markdown(rows, bake, args.profile, spread, paired, args.reference, kd)
     write_text_atomic(root / f"summary-{args.profile}.md", md)
-    write_json_atomic(root / f"summary-{args.profile}.json",
-                      {"runs": rows, "bakeoff": bake, "seeds": spread, "reference": args.reference, "paired": paired})
+    write_json_atomic(root / f"summary-{args.profile}.json", {"runs": rows, "bakeoff": bake, "seeds": spread,
+                                                              "reference": args.reference, "paired": paired,
+                                                              "distilled": kd})
     print(md)
     return 0
 

@@ -6,7 +6,11 @@ CPU, nccl on CUDA). Running the same command again continues a killed run from i
 reaches the same result (under torchrun: `--resume`); a finished run is kept, or refused if its config
 changed (`--force` retrains).
 
-Writes artifacts/runs/<model>-<representation>-<profile>[-tuned][-seed<N>]/:
+With `--set teacher=resnet1d_wang` (or a,b for the mean of two, or a run folder) the student learns from a
+finished teacher run of the same profile, seed and data as well as from the labels (shared/distill.py); the
+run's name gets `-kd` and its config.json the teacher runs' paths and checkpoint sha256.
+
+Writes artifacts/runs/<model>-<representation>-<profile>[-tuned][-kd][-seed<N>]/:
   config.json (resolved config + versions), last.pt (resume state), best.safetensors (+ best.json),
   log.jsonl (one line per epoch), metrics.json (val/test macro + per-class AUC, size, time).
 """
@@ -34,19 +38,22 @@ if str(REPO) not in sys.path:
 from shared import config as config_mod  # noqa: E402
 from shared.cache import CacheError, open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
+from shared.distill import (TeacherChanged, check_settings, load_teacher, student_loss,  # noqa: E402
+                            teacher_logits)
 from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load_weights, read_json,  # noqa: E402
                        save_checkpoint, save_weights, write_json_atomic)
 from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters  # noqa: E402
 from shared.paths import data_cache_dir, runs_dir  # noqa: E402
-from shared.training import InputAdapter, predict_batches, scores, train_step  # noqa: E402
+from shared.training import InputAdapter, autocast, predict_batches, scores, train_step  # noqa: E402
 
 
 def run_name(cfg: dict) -> str:
-    """<model>-<representation>-<profile>[-<config>][-seed<N>]: seed 0, every config's default, adds nothing, so
-    extra seeds of a run (`--set seed=1`) sit beside it instead of replacing it."""
+    """<model>-<representation>-<profile>[-<config>][-kd][-seed<N>]: seed 0, every config's default, adds nothing,
+    so extra seeds of a run (`--set seed=1`) and a distilled twin (-kd) sit beside it instead of replacing it."""
     suffix = "" if cfg["config"] == "default" else f"-{Path(cfg['config']).stem}"
+    kd = "-kd" if cfg.get("teacher") else ""
     seed = f"-seed{cfg['seed']}" if cfg.get("seed", 0) != 0 else ""
-    return f"{cfg['model']}-{cfg['representation']}-{cfg['profile']}{suffix}{seed}"
+    return f"{cfg['model']}-{cfg['representation']}-{cfg['profile']}{suffix}{kd}{seed}"
 
 
 def config_hash(cfg: dict) -> str:
@@ -127,11 +134,10 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
     params = count_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    smoothing = float(cfg.get("label_smoothing", 0.0))
-    bce = nn.BCEWithLogitsLoss()
-
-    def loss_fn(logits, y):
-        return bce(logits, y * (1 - smoothing) + 0.5 * smoothing if smoothing else y)
+    teacher = load_teacher(cfg["teacher_runs"], fs, device) if cfg.get("teacher_runs") else None
+    if teacher is not None and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)  # DeiT: (class head, distillation head) in training, their mean in eval
+    loss_fn = student_loss(cfg)
 
     # AMP on CUDA; bf16 autocast on CPU only where a config asks: on this 2-core AVX-512 CPU it made
     # these small models 2-3x slower (docs/benchmarks.md)
@@ -164,6 +170,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         state["untrained_val_auc"] = scores(labels, probs, cache.classes)["macro_auc"]
 
     data_time = step_time = 0.0
+    state.setdefault("teacher_seconds", 0.0)
     samples_seen = 0
     best_val = None  # the best epoch's validation output, when this process computed it (not across a resume)
     while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg.get("patience", 10**9):
@@ -172,20 +179,28 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         sampler.set_epoch(epoch)
         torch.manual_seed(cfg["seed"] * 1000 + epoch)  # dropout / drop-path: same stream on resume
         crop_gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch * 1009 + rank)
-        losses = []
+        losses, teacher_s = [], 0.0
         bar = tqdm(total=steps_per_epoch, desc=f"{out.name} epoch {epoch + 1}/{cfg['epochs']}",
                    disable=not (progress and main_proc), leave=False)
         it = iter(train_loader)
         for _ in range(steps_per_epoch):
             t0 = time.perf_counter()
             x, y = next(it)
-            inputs = adapter.train_input(x, crop_gen).to(device, non_blocking=True)
+            crop = adapter.train_crop(x, crop_gen)
+            inputs = adapter.represent(crop).to(device, non_blocking=True)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             y = y.to(device)
             t1 = time.perf_counter()
-            losses.append(train_step(ddp_model, optimizer, loss_fn, inputs, y, device, amp, cfg.get("grad_clip", 0),
-                                     scaler))
+            soft = None
+            if teacher is not None:  # the same crop through the teacher's own representation, never a test record
+                with autocast(device, amp):
+                    soft = teacher_logits(teacher, crop.to(device, non_blocking=True))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # time the teacher's kernels, not their launch
+                teacher_s += time.perf_counter() - t1
+            losses.append(train_step(ddp_model, optimizer, loss_fn, inputs, (y, soft), device, amp,
+                                     cfg.get("grad_clip", 0), scaler))
             scheduler.step()
             t2 = time.perf_counter()
             data_time += t1 - t0
@@ -197,6 +212,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         probs, labels = predict_batches(model, val_loader, adapter, device, amp)
         val_auc = scores(labels, probs, cache.classes)["macro_auc"]
         state["train_seconds"] += time.perf_counter() - t_epoch
+        state["teacher_seconds"] += teacher_s
         improved = val_auc > state["best_auc"]
         if improved:
             state.update(best_auc=val_auc, best_epoch=epoch, bad_epochs=0)
@@ -206,6 +222,8 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         state["epoch"] = epoch + 1
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auc": val_auc,
                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t_epoch, 2)}
+        if teacher is not None:
+            record.update(teacher_seconds=round(teacher_s, 2), teacher_cost=cost_ratio(record["seconds"], teacher_s))
         state["history"].append(record)
         if main_proc:
             if improved:
@@ -216,7 +234,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
                 f.write(json.dumps(record) + "\n")
             if progress:
                 print(f"{out.name} epoch {epoch + 1}: loss {record['train_loss']:.4f} val macro AUC {val_auc:.4f}"
-                      f"{' *' if improved else ''}", flush=True)
+                      f"{' *' if improved else ''}{teacher_note(record)}", flush=True)
             if on_epoch is not None:
                 on_epoch(epoch + 1, record)
 
@@ -247,12 +265,30 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
             "data_time_share": round(data_time / step_time, 4) if step_time else None,
             "train_samples_per_s": round(samples_seen / step_time, 1) if step_time else None,
             "device": str(device), "world_size": world, "threads": torch.get_num_threads(), "data": str(data_dir),
+            "teacher": cfg.get("teacher") or None,
         }
+        if teacher is not None:
+            result.update(teacher_seconds=round(state["teacher_seconds"], 1),
+                          teacher_cost=cost_ratio(state["train_seconds"], state["teacher_seconds"]))
         write_json_atomic(out / "metrics.json", result)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def cost_ratio(seconds: float, teacher_seconds: float) -> float | None:
+    """Time with the teacher's forward passes over the time without them: the cost of distilling against a plain
+    run of the same steps (validation included)."""
+    plain = seconds - teacher_seconds
+    return round(seconds / plain, 3) if plain > 0 else None
+
+
+def teacher_note(record: dict) -> str:
+    if "teacher_seconds" not in record:
+        return ""
+    return (f" | teacher {record['teacher_seconds']:.1f} s of {record['seconds']:.1f} s "
+            f"({record['teacher_cost']}x a plain epoch)")
 
 
 def parse_args(argv=None):
@@ -334,6 +370,97 @@ def existing_run(out: Path, cfg: dict, args) -> int | None:
     return None
 
 
+class TeacherError(ValueError):
+    """A teacher that is missing, the student's own model, or trained on other data, profile, seed or rate."""
+
+
+def teacher_names(value) -> list[str]:
+    """`teacher` as given: "a,b" on the command line, a string or a list in a TOML config."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = [str(t).strip() for t in items if str(t).strip()]
+    if not names:
+        raise TeacherError(f"teacher = {value!r}: name a model or a run folder")
+    return names
+
+
+def train_command(model: str, cfg: dict) -> str:
+    """The make command that trains `model` with the student's profile, seed and config."""
+    seed = f" SEED={cfg['seed']}" if cfg.get("seed", 0) else ""
+    config = "" if cfg["config"] == "default" else f" CONFIG={cfg['config']}"
+    return f"make train-{model} PROFILE={cfg['profile']}{seed}{config}"
+
+
+def teacher_folder(name: str, cfg: dict) -> Path:
+    """A model name stands for its run of the student's profile, seed and config; anything else is a run folder
+    (a path, or a name under artifacts/runs)."""
+    if name not in MODELS:
+        path = Path(name).expanduser()
+        return runs_dir() / name if not path.exists() and (runs_dir() / name).exists() else path
+    if name == cfg["model"]:
+        raise TeacherError(f"teacher {name} is the student itself; distil from another model")
+    try:
+        tcfg = config_mod.resolve(name, cfg["profile"], None, cfg["config"], {"seed": cfg.get("seed", 0)})
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise TeacherError(f"teacher {name}: {e}") from None
+    return runs_dir() / run_name(tcfg)
+
+
+def teacher_mismatches(tcfg: dict, cfg: dict, data_dir: Path) -> list[str]:
+    """What makes a teacher's run another experiment than the student's: cache, its statistics, profile, seed, rate."""
+    norm = training_normalization(data_dir).get("normalization")
+    pairs = {"data cache": (str(Path(tcfg.get("data", "?")).resolve()), str(Path(data_dir).resolve())),
+             "profile": (tcfg.get("profile"), cfg["profile"]), "seed": (tcfg.get("seed", 0), cfg.get("seed", 0)),
+             "sampling rate": (tcfg.get("sampling_rate", 100), cfg.get("sampling_rate", 100)),
+             "cache statistics": ("other" if tcfg.get("normalization", norm) != norm else "same", "same")}
+    return [f"{k} {t} vs the student's {s}" for k, (t, s) in pairs.items() if t != s]
+
+
+def check_teacher(name: str, run: Path, cfg: dict, data_dir: Path) -> None:
+    if not (run / "metrics.json").exists() or not (run / "best.safetensors").exists():
+        how = f"train it first: {train_command(name, cfg)}" if name in MODELS else "name a finished training run"
+        raise TeacherError(f"teacher {name}: no finished run at {run}; {how}")
+    try:
+        tcfg = read_json(run / "config.json")
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"teacher {run}: unreadable config.json ({e})") from None
+    if tcfg.get("model") == cfg["model"]:
+        raise TeacherError(f"teacher {run} is a {cfg['model']} run, the student itself; distil from another model")
+    diff = teacher_mismatches(tcfg, cfg, data_dir)
+    if diff:
+        raise TeacherError(f"teacher {run} does not match the student: {'; '.join(diff)}; train it with the "
+                           f"student's settings: {train_command(tcfg.get('model', '<teacher>'), cfg)}")
+
+
+def probe_teacher(runs: list[dict], cfg: dict) -> None:
+    """Load the teacher and score a zero batch of the student's crop length, so an unloadable teacher or one that
+    takes only its own crop length (a ViT's fixed patch grid) fails now, in one line."""
+    fs = int(cfg.get("sampling_rate", 100))
+    n = int(round(cfg.get("crop_seconds", 10.0) * fs))
+    try:
+        out = load_teacher(runs, fs)(torch.zeros(2, 12, n))
+    except Exception as e:  # noqa: BLE001 - any failure of a teacher is its own one-line error
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TeacherError(f"teacher {', '.join(r['run'] for r in runs)}: cannot score the student's "
+                           f"{cfg.get('crop_seconds')} s crops ({type(e).__name__}: {first})") from None
+    if out.dim() != 2 or out.shape[0] != 2:
+        raise TeacherError(f"teacher {', '.join(r['run'] for r in runs)}: gives outputs of shape {tuple(out.shape)}")
+
+
+def resolve_teachers(cfg: dict, data_dir: Path) -> list[dict]:
+    """[{name, run, sha256}] of the finished, matching teacher runs `cfg["teacher"]` names (TeacherError if not):
+    what config.json records, and what train() loads."""
+    from shared.artifacts import checkpoint_sha256
+
+    check_settings(cfg)
+    runs = []
+    for name in teacher_names(cfg["teacher"]):
+        run = teacher_folder(name, cfg)
+        check_teacher(name, run, cfg, data_dir)
+        runs.append({"name": name, "run": str(run.resolve()), "sha256": checkpoint_sha256(run)})
+    probe_teacher(runs, cfg)
+    return runs
+
+
 def refuse(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -349,9 +476,11 @@ def main(argv=None) -> int:
         overrides[k.strip()] = config_mod.parse_value(v.strip())
     try:
         cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
+        data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
+        if cfg.get("teacher"):  # checked before anything is written
+            cfg["teacher_runs"] = resolve_teachers(cfg, data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         return refuse(str(e))
-    data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
     out = args.out or runs_dir() / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     status = existing_run(out, {**cfg, "data": str(data_dir)}, args)
@@ -366,10 +495,13 @@ def main(argv=None) -> int:
         return refuse(str(e))
     except UnsafeCheckpoint as e:  # last.pt, read to resume
         return refuse(f"{e}; --force to start the run over")
+    except TeacherChanged as e:  # retrained after this run recorded it
+        return refuse(str(e))
     if result:
         print(f"{out.name}: val macro AUC {result['val']['macro_auc']:.4f}, test macro AUC "
               f"{result['test']['macro_auc']:.4f}, {result['train_seconds']:.0f} s, "
-              f"data share {result['data_time_share']}")
+              f"data share {result['data_time_share']}"
+              + (f", teacher cost {result['teacher_cost']}x a plain run" if "teacher_cost" in result else ""))
     return 0
 
 

@@ -4,7 +4,9 @@ Each trial trains one config (models.train.train) on the train folds and is scor
 macro AUC, reported every epoch so the pruner can stop a poor trial early. The test fold is never opened
 (train(..., evaluate_test=False)): tuning on it would leak into every number reported later. The search
 space is the [search] table of models/configs/<model>.toml; `--set KEY=VALUE` fixes a key for every trial
-(and takes it out of the search).
+(and takes it out of the search). `--set teacher=resnet1d_wang` tunes a distilled student (models/train.py):
+every trial learns from that finished teacher run, and the config's [search_distill] keys (kd_alpha,
+kd_temperature) join the search.
 
 The study lives in a database, so it survives kills and can be shared:
   default    sqlite:///artifacts/tune/<model>/study.db — rerun the same command to resume; a trial that was
@@ -438,6 +440,18 @@ def write_outputs(study, model: str, profile: str, args, space: dict, fixed: dic
     return best_rec
 
 
+def teacher_runs(base: dict, data_dir: Path) -> list[dict]:
+    """The checked teacher runs of `--set teacher=…` ([] without one); every trial learns from the same ones."""
+    if not base.get("teacher"):
+        return []
+    from models.train import resolve_teachers
+
+    try:
+        return resolve_teachers(base, data_dir)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m models.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,9 +491,14 @@ def run(args) -> int:
         fixed[k.strip()] = config_mod.parse_value(v.strip())
     try:
         base = config_mod.resolve(args.model, args.profile, fixed.get("representation"), "default", fixed)
-        space = config_mod.search_space(args.model)
+        space = config_mod.search_space(args.model, distill=bool(base.get("teacher")))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise TuneError(str(e)) from None
+    if base.get("teacher"):  # the kd keys have code defaults, not config entries
+        from shared.distill import KD_ALPHA, KD_TEMPERATURE
+
+        base.setdefault("kd_alpha", KD_ALPHA)
+        base.setdefault("kd_temperature", KD_TEMPERATURE)
     check_space(args.model, space, base)
     space = {k: v for k, v in space.items() if k not in fixed}
     if not space:
@@ -493,6 +512,7 @@ def run(args) -> int:
         open_cache(data_dir)
     except CacheError as e:
         raise TuneError(str(e)) from None
+    teachers = teacher_runs(base, data_dir)
 
     import optuna
     from optuna.trial import TrialState
@@ -529,6 +549,8 @@ def run(args) -> int:
         params = suggest(trial, space, rep_keys)
         rep = params.get("representation") or fixed.get("representation")
         cfg = config_mod.resolve(args.model, args.profile, rep, "default", {**fixed, **params})
+        if teachers:
+            cfg["teacher_runs"] = teachers
         out = trials_root / (str(trial.number) if name == args.model else f"{name}-{trial.number}")
         out.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("run", str(out))

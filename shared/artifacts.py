@@ -31,14 +31,16 @@ def build_from_config(cfg: dict, sampling_rate: int = 100) -> nn.Module:
     return build_model(cfg["model"], cfg["representation"], n_samples, **architecture_kwargs(cfg))
 
 
-def find_run(model: str, profile: str, representation: str | None = None) -> Path:
-    """The training run `make train-<model>` writes for this profile (and the config's default representation)."""
+def find_run(model: str, profile: str, representation: str | None = None, distilled: bool = False) -> Path:
+    """The training run `make train-<model>` writes for this profile (and the config's default representation);
+    `distilled`: the one `make train-<model> TEACHER=…` writes (<run>-kd)."""
     from shared import config as config_mod
 
     rep = representation or config_mod.resolve(model, profile)["representation"]
-    run = runs_dir() / f"{model}-{rep}-{profile}"
+    run = runs_dir() / f"{model}-{rep}-{profile}{'-kd' if distilled else ''}"
     if not (run / "best.safetensors").exists():
-        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}` first")
+        teacher = " TEACHER=<teacher>" if distilled else ""
+        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}{teacher}` first")
     return run
 
 

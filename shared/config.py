@@ -51,18 +51,20 @@ def parse_ranges(text: str) -> list[int]:
     return out
 
 
-def search_space(model: str) -> dict:
-    """The [search] table of a model's config: {key: [choices] | {low, high[, log]}} (models/tune.py)."""
+def search_space(model: str, distill: bool = False) -> dict:
+    """The [search] table of a model's config: {key: [choices] | {low, high[, log]}} (models/tune.py); with
+    `distill` (a teacher is set) also its [search_distill] table (kd_alpha, kd_temperature)."""
     path = config_path(model)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config for model {model!r}")
     try:
-        space = tomllib.loads(path.read_text()).get("search", {})
+        raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML ({e})") from None
+    space = raw.get("search", {})
     if not space:
         raise ValueError(f"{path}: no [search] table; add one to tune {model!r}")
-    return space
+    return {**space, **raw.get("search_distill", {})} if distill else space
 
 
 def resolve(model: str, profile: str = "cpu", representation: str | None = None, config: str = "default",
@@ -78,6 +80,7 @@ def resolve(model: str, profile: str = "cpu", representation: str | None = None,
         raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
     reps, profiles = raw.pop("representations", {}), raw.pop("profiles", {})
     raw.pop("search", None)  # the tuner's search space (search_space()), not a training key
+    raw.pop("search_distill", None)
     cfg = dict(raw)
     tuned = {}
     if config == "tuned":

@@ -1,7 +1,7 @@
 """Reading what a finished stage left on disk, for the stages that compare results (models.summarize on
 training runs, eval.report on evaluated artifacts, compression checking a variant against its parent): a run's
-seed, a predictions.npz's test split, the paired comparison of two models scored on the same test records, and
-which compressed variants are flagged or recommended."""
+seed and teacher, a predictions.npz's test split, the paired comparison of two models scored on the same test
+records, and which compressed variants are flagged or recommended."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,16 @@ def run_seed(run_dir: Path, metrics: dict | None = None) -> int:
         return int(json.loads((Path(run_dir) / "config.json").read_text()).get("seed", 0))
     except (OSError, ValueError):
         return 0
+
+
+def run_teacher(run_dir: Path, metrics: dict | None = None) -> str | None:
+    """The teacher a run distilled from (None: trained on labels alone), from metrics.json, else config.json."""
+    if metrics and "teacher" in metrics:
+        return metrics["teacher"] or None
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("teacher") or None
+    except (OSError, ValueError):
+        return None
 
 
 def test_predictions(npz: Path) -> dict | None:

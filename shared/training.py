@@ -52,8 +52,15 @@ class InputAdapter:
         self.representation = cfg["representation"]
         self.rep_kwargs = {"row_repeat": cfg.get("row_repeat", 8)} if self.representation == "rows" else {}
 
+    def train_crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The raw (normalized) B×12×crop training window: a teacher takes it through its own representation."""
+        return random_crop(x, self.crop, generator)
+
+    def represent(self, x: torch.Tensor) -> torch.Tensor:
+        return representations.apply(self.representation, x, **self.rep_kwargs)
+
     def train_input(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return representations.apply(self.representation, random_crop(x, self.crop, generator), **self.rep_kwargs)
+        return self.represent(self.train_crop(x, generator))
 
     def eval_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         w, n = windows(x, self.crop, self.stride)
@@ -62,9 +69,12 @@ class InputAdapter:
 
 def train_step(model: nn.Module, optimizer, loss_fn, inputs, targets, device, amp: bool, grad_clip: float,
                scaler=None) -> float:
+    """One optimizer step. A model may return a tuple (DeiT's two heads in distilled training): the loss gets it."""
     model.train()
     with autocast(device, amp):
-        loss = loss_fn(model(inputs).float(), targets)
+        out = model(inputs)
+        out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+        loss = loss_fn(out, targets)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -1,0 +1,252 @@
+"""Distillation from a teacher run (`TEACHER=`, shared/distill.py): DeiT's two heads and their two targets, what a
+distilled run records, one-line refusals of a missing, mismatched or self teacher, the test fold left alone, the
+Makefile's teacher runs first, and the summary's distilled-vs-plain table. The per-class KD formula on single
+logits is tested in test_openvino.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_module
+from shared.distill import kd_loss, teacher_term
+
+QUICK = ["--profile", "quick", "--no-progress", "--set", "epochs=1", "--set", "max_train_batches=2",
+         "--set", "eval_stride_seconds=7.5"]
+
+
+def bce(p_logits, target):
+    p = torch.sigmoid(p_logits)
+    return -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+
+
+def test_deit_two_head_loss_is_labels_on_the_class_head_and_teacher_on_the_distillation_head():
+    cls = torch.tensor([[1.5, -0.3, 0.2, -2.0, 0.7]])
+    dist = torch.tensor([[0.4, 0.9, -1.1, 0.0, 2.2]])
+    y = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]])
+    t = torch.tensor([[2.0, -1.0, 0.5, -0.2, 3.0]])
+    alpha, temp = 0.3, 2.5
+    soft = (1 - alpha) * bce(cls, y) + alpha * bce(dist / temp, torch.sigmoid(t / temp))
+    hard = (1 - alpha) * bce(cls, y) + alpha * bce(dist, (t > 0).float())  # DeiT's hard-label variant: no T
+    assert kd_loss((cls, dist), y, t, alpha, temp).item() == pytest.approx(soft.item(), rel=1e-6)
+    assert kd_loss((cls, dist), y, t, alpha, temp, "hard").item() == pytest.approx(hard.item(), rel=1e-6)
+    assert kd_loss((cls, dist), y, t, 0.0, temp).item() == pytest.approx(bce(cls, y).item(), rel=1e-6)
+
+
+def test_deit_in_distilled_training_sends_label_gradients_to_its_class_head_and_teacher_ones_to_its_dist_head():
+    from shared.nets import build_model
+    from shared.representations import input_shape
+
+    torch.manual_seed(0)
+    model = build_model("deit", "leads", 200)
+    model.set_distilled_training(True)
+    model.train()
+    x = torch.randn(4, *input_shape("leads", 12, 200))
+    y, t = (torch.rand(4, 5) < 0.3).float(), torch.randn(4, 5) * 3
+    cls, dist = model(x)  # a pair in distilled training
+    heads = [model.head.weight, model.head_dist.weight]
+    got = torch.autograd.grad(kd_loss((cls, dist), y, t, 0.4, 2.0), heads, retain_graph=True)
+    labels_only = torch.autograd.grad(0.6 * F.binary_cross_entropy_with_logits(cls, y), model.head.weight,
+                                      retain_graph=True)[0]
+    teacher_only = torch.autograd.grad(0.4 * teacher_term(dist, t, 2.0), model.head_dist.weight, retain_graph=True)[0]
+    torch.testing.assert_close(got[0], labels_only)
+    torch.testing.assert_close(got[1], teacher_only)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    with torch.no_grad():  # eval mode: one output, the mean of the two heads (no dropout here)
+        torch.testing.assert_close(model.eval()(x), (cls + dist) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_a_distilled_student_records_its_teacher_and_is_named_kd(quick_resnet_run, sample_cache, tmp_path):
+    art = tmp_path / "art"
+    r = run_module("models.train", "--model", "vit", "--data", sample_cache, *QUICK, "--set",
+                   f"teacher={quick_resnet_run}", env={"ARTIFACTS": str(art)}, check=True)
+    run = art / "runs" / "vit-leads-quick-kd"
+    cfg = json.loads((run / "config.json").read_text())
+    sha = hashlib.sha256((quick_resnet_run / "best.safetensors").read_bytes()).hexdigest()
+    assert cfg["teacher"] == str(quick_resnet_run)
+    assert cfg["teacher_runs"] == [{"name": str(quick_resnet_run), "run": str(quick_resnet_run.resolve()),
+                                    "sha256": sha}]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["teacher"] == str(quick_resnet_run) and metrics["teacher_cost"] > 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[0]["teacher_seconds"] > 0 and log[0]["teacher_cost"] > 1 and "teacher cost" in r.stdout
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_missing_teacher_is_one_line_naming_the_make_command(sample_cache, tmp_path, monkeypatch, capsys):
+    from models.train import main
+
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path / "art"))
+    assert main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", "teacher=xresnet1d101",
+                 "--set", "seed=3"]) == 2
+    line = one_line_error(capsys)
+    assert "no finished run" in line and "make train-xresnet1d101 PROFILE=quick SEED=3" in line
+    assert main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", f"teacher={tmp_path / 'nope'}"]) == 2
+    assert "nope: no finished run" in one_line_error(capsys)
+    assert not (tmp_path / "art").exists()  # nothing written
+
+
+def test_a_mismatched_or_self_teacher_is_one_line(quick_resnet_run, sample_cache, tmp_path, monkeypatch, capsys):
+    from models.train import main
+
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path / "art"))
+    student = ["--model", "convnext", "--data", str(sample_cache), *QUICK, "--set", f"teacher={quick_resnet_run}"]
+    assert main([*student, "--set", "seed=1"]) == 2
+    line = one_line_error(capsys)
+    assert "does not match the student: seed 0 vs the student's 1" in line and "SEED=1" in line
+    other = tmp_path / "other-data-teacher"
+    shutil.copytree(quick_resnet_run, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "another-cache")}))
+    assert main([*student[:-1], f"teacher={quick_resnet_run},{other}"]) == 2  # an ensemble: each member checked
+    assert "data cache" in one_line_error(capsys)
+    for teacher in ("resnet1d_wang", str(quick_resnet_run)):  # by name and by folder
+        assert main(["--model", "resnet1d_wang", "--data", str(sample_cache), *QUICK, "--set", f"teacher={teacher}"]) == 2
+        assert "the student itself" in one_line_error(capsys)
+    assert main([*student, "--set", "kd_mode=warm"]) == 2 and "kd_mode" in one_line_error(capsys)
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_deit_student_feeds_both_heads_and_never_reads_the_test_fold(quick_resnet_run, sample_cache, tmp_path,
+                                                                     monkeypatch):
+    from models import train as train_mod
+    from shared import config as config_mod
+    from shared.cache import ECGCache
+
+    opened, calls = [], []
+    split_indices, student_loss = ECGCache.split_indices, train_mod.student_loss
+
+    def guarded(self, split):
+        opened.append(split)
+        if split == "test":
+            raise AssertionError("the test fold was opened while training with a teacher")
+        return split_indices(self, split)
+
+    def recording(cfg):
+        loss_fn = student_loss(cfg)
+
+        def wrapped(logits, targets):
+            calls.append((logits, targets[1]))
+            return loss_fn(logits, targets)
+        return wrapped
+
+    monkeypatch.setattr(ECGCache, "split_indices", guarded)
+    monkeypatch.setattr(train_mod, "student_loss", recording)
+    cfg = config_mod.resolve("deit", "quick", overrides={"teacher": str(quick_resnet_run), "epochs": 1,
+                                                         "max_train_batches": 2, "eval_stride_seconds": 7.5})
+    cfg["teacher_runs"] = train_mod.resolve_teachers(cfg, sample_cache)
+    (tmp_path / "run").mkdir()
+    result = train_mod.train(cfg, tmp_path / "run", sample_cache, resume=False, progress=False, evaluate_test=False)
+    assert "test" not in opened and "test" not in result and 0 < result["val"]["macro_auc"] <= 1
+    assert len(calls) == 2
+    for logits, teacher in calls:  # (class head, distillation head) and the teacher's logits of the same crops
+        assert isinstance(logits, tuple) and len(logits) == 2 and teacher is not None
+        assert logits[0].shape == logits[1].shape == teacher.shape and not teacher.requires_grad
+
+
+def test_make_trains_the_teachers_first_then_the_student_with_them(tmp_path):
+    from test_make import run_make
+
+    rc, calls = run_make(tmp_path, "train-vit", "TEACHER=resnet1d_wang,xresnet1d101", "PROFILE=quick", "SEED=2",
+                         "REPR=rows", "SET=lr=1e-3", "PTBXL_DIR=/data")
+    trains = [c for c in calls if "models.train" in c]
+    assert rc == 0 and len(trains) == 3
+    for teacher, call in zip(("resnet1d_wang", "xresnet1d101"), trains):  # the student's REPR and SET are its own
+        assert f"--model {teacher} --profile quick" in call and "seed=2" in call
+        assert "teacher" not in call and "rows" not in call and "lr=" not in call
+    assert "--model vit" in trains[2] and trains[2].endswith("--set teacher=resnet1d_wang,xresnet1d101")
+    rc, calls = run_make(tmp_path, "seeds-deit", "TEACHER=resnet1d_wang", "SEEDS=1 2", "NO_DATA=1")
+    trains = [c for c in calls if "models.train" in c]
+    assert rc == 0 and [("--model resnet1d_wang" in c, "teacher=resnet1d_wang" in c) for c in trains] == \
+        [(True, False), (True, False), (False, True), (False, True)]
+    rc, calls = run_make(tmp_path, "quantize-vit", "TEACHER=resnet1d_wang")
+    assert rc == 0 and "--kd" in calls[0]
+
+
+@pytest.mark.parametrize("goal, teacher, message", [
+    ("train-vit", "resnet1d_wnag", "unknown model 'resnet1d_wnag'"),
+    ("train-vit", "resnet1d_wang,vit", "cannot be its own teacher"),
+    ("train-all", "resnet1d_wang", "TEACHER applies to train-<model>"),
+])
+def test_make_refuses_a_bad_teacher_before_any_work(tmp_path, goal, teacher, message):
+    import subprocess
+
+    from conftest import REPO
+
+    r = subprocess.run(["make", "--no-print-directory", goal, f"TEACHER={teacher}", f"PYTHON={tmp_path}/none",
+                        f"ARTIFACTS={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not r.stdout
+
+
+def test_tuning_with_a_teacher_adds_the_kd_keys_to_the_search(sample_cache, tmp_path, monkeypatch, capsys):
+    from models import tune
+    from shared import config as config_mod
+
+    for model in ("vit", "deit", "effnetv2", "convnext"):
+        assert {"kd_alpha", "kd_temperature"} <= set(config_mod.search_space(model, distill=True))
+        assert "kd_alpha" not in config_mod.search_space(model)
+    assert "search_distill" not in config_mod.resolve("vit", "quick")
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path / "art"))
+    assert tune.main(["--model", "vit", "--profile", "quick", "--data", str(sample_cache), "--trials", "1",
+                      "--set", "teacher=resnet1d_wang"]) == 2
+    assert "make train-resnet1d_wang PROFILE=quick" in one_line_error(capsys)
+
+
+def test_summary_shows_each_distilled_run_against_its_plain_twin(tmp_path):
+    from models import summarize
+    from shared.metrics import macro_auc
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((120, 5)) < 0.3).astype(np.float32)
+    noise = rng.random((120, 5)).astype(np.float32)
+
+    def run(name, model, signal, teacher=None, seed=0):
+        d = tmp_path / name
+        d.mkdir()
+        probs = signal * labels + (1 - signal) * noise
+        np.savez(d / "predictions.npz", test_labels=labels, test_probs=probs)
+        (d / "metrics.json").write_text(json.dumps({
+            "model": model, "representation": "leads", "profile": "cpu", "config": "default", "seed": seed,
+            "teacher": teacher, "val": {"macro_auc": 0.8 + signal / 10}, "test": {"macro_auc": macro_auc(labels, probs)},
+            "params": 1, "train_seconds": 1, "epochs_run": 1, "best_epoch": 1}))
+
+    run("vit-leads-cpu", "vit", 0.2)
+    run("vit-leads-cpu-kd", "vit", 0.5, teacher="resnet1d_wang")
+    run("vit-leads-cpu-kd-seed1", "vit", 0.5, teacher="resnet1d_wang", seed=1)  # no plain twin: not listed
+    rows = summarize.collect(tmp_path, "cpu")
+    kd = summarize.distilled_vs_plain(rows, tmp_path, n_resamples=50)
+    assert [(k["run"], k["plain"]) for k in kd] == [("vit-leads-cpu-kd", "vit-leads-cpu")]
+    assert kd[0]["delta_val"] == pytest.approx(0.03) and kd[0]["paired"]["delta"] > 0
+    assert [g["config"] for g in summarize.seed_spread(rows)] == ["default + kd(resnet1d_wang)"]
+    md = summarize.markdown(rows, [], "cpu", kd=kd)
+    assert "### Distilled (`-kd`) vs plain" in md and "| vit-leads-cpu-kd | resnet1d_wang | vit-leads-cpu |" in md
+
+
+def test_report_pairs_each_distilled_fp32_model_with_its_plain_twin(tmp_path, monkeypatch):
+    from eval.report import distilled_vs_plain
+
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path))
+    rng = np.random.default_rng(1)
+    labels = (rng.random((80, 5)) < 0.3).astype(np.float32)
+    results = []
+    for run, teacher, signal in (("vit-leads-cpu", None, 0.2), ("vit-leads-cpu-kd", "resnet1d_wang", 0.5),
+                                 ("deit-leads-cpu-kd", "resnet1d_wang", 0.5)):  # deit: no plain twin
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "config.json").write_text(json.dumps({"seed": 0, "teacher": teacher}))
+        (tmp_path / "eval" / f"{run}-fp32").mkdir(parents=True)
+        np.savez(tmp_path / "eval" / f"{run}-fp32" / "predictions.npz", test_labels=labels,
+                 test_probs=signal * labels + (1 - signal) * rng.random((80, 5)).astype(np.float32))
+        results.append({"artifact": f"{run}-fp32", "run": run, "variant": "fp32", "model": run.split("-")[0],
+                        "representation": "leads", "config": "default", "splits": {"test": {"macro_auc": 0.7}}})
+    (pair,) = distilled_vs_plain(results, n_resamples=50)
+    assert (pair["artifact"], pair["against"]) == ("vit-leads-cpu-kd-fp32", "vit-leads-cpu-fp32") and pair["delta"] > 0
