@@ -16,8 +16,9 @@ MODELS_2D  := vit deit effnetv2 convnext
 MODELS_1D  := resnet1d_wang xresnet1d101
 ALL_MODELS := $(MODELS_2D) $(MODELS_1D)
 # A mistyped model in a per-model goal (make train-vitt) stops make here, before any target builds data or a venv.
-MODEL_GOALS := train tune seeds prune quantize export-openvino export bench-compress
-ALL_GOALS   := train-all tune-all seeds-all prune-all quantize-all $(addprefix export-openvino-,$(ALL_MODELS))
+MODEL_GOALS := train tune seeds prune-structured prune quantize export-openvino export bench-compress
+ALL_GOALS   := train-all tune-all seeds-all prune-all quantize-all $(addprefix export-openvino-,$(ALL_MODELS)) \
+               $(addprefix prune-structured-,$(ALL_MODELS))
 BAD_GOAL    := $(firstword $(foreach g,$(MODEL_GOALS),\
                $(filter-out $(addprefix $(g)-,$(ALL_MODELS)) $(ALL_GOALS),$(filter $(g)-%,$(MAKECMDGOALS)))))
 BAD_MODEL   := $(firstword $(foreach g,$(MODEL_GOALS),$(patsubst $(g)-%,%,$(filter $(g)-%,$(BAD_GOAL)))))
@@ -161,7 +162,10 @@ quantize-all: $(VENV_STAMP)  ## quantize every trained model, JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER))
 compress-all: $(VENV_STAMP)  ## every compression and export of every trained model (PyTorch, ONNX Runtime, OpenVINO), JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix quantize-,$(TRAIN_ORDER)) $(addprefix prune-,$(TRAIN_ORDER)) \
-	  $(addprefix export-,$(TRAIN_ORDER)) $(addprefix export-openvino-,$(TRAIN_ORDER))
+	  $(addprefix export-,$(TRAIN_ORDER)) $(addprefix export-openvino-,$(TRAIN_ORDER)) $(addprefix prune-structured-,$(TRAIN_ORDER))
+
+prune-structured-%: $(VENV_STAMP)  ## structured pruning (channels / heads / MLP units, 40 % of parameters) + distillation fine-tune, then its OpenVINO int8
+	$(PYTHON) -m compression.prune_structured --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) --then-int8
 
 export-openvino-%: $(VENV_STAMP)  ## OpenVINO fp32 IR + NNCF int8 (calibrated as static int8) of a trained model's run
 	$(PYTHON) -m compression.openvino_export --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN)

@@ -167,6 +167,10 @@ def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the network an artifact holds (int8 variants: of its fp32 parent)."""
     if variant == "prune":
         sd = art.load_sparse(path / read_json(path / "variant.json")["artifact"])
+    elif variant.startswith("structured"):  # the narrower network (its int8 IR too)
+        from shared.io import load_weights
+
+        sd = load_weights(path.parent / "structured" / "structured.safetensors")
     else:
         run = Path(read_json(path / "variant.json")["run"]) if (path / "variant.json").exists() else path
         from shared.io import load_weights

@@ -8,6 +8,7 @@ A variant folder holds `variant.json` (what was done, and which run it came from
   static / qat   model.pt2: an exported int8 program (PT2E, X86 inductor quantizer); model.x86.pt2 beside it
                  is its AOTInductor build for this machine's CPU (a cache, rebuilt when stale: load_compiled)
   onnx_fp32 / onnx_int8   model.onnx, run by ONNX Runtime (compression/export_onnx.py, shared/onnx_model.py)
+  structured  structured.safetensors + shapes.json: a narrower dense network (shared/structured.py)
   openvino_fp32 / openvino_int8   model.xml + model.bin, an OpenVINO IR (NNCF int8), run by OpenVINO
                  (compression/openvino_export.py, shared/openvino_model.py)
 """

@@ -37,7 +37,8 @@ def run_make(tmp_path: Path, *args: str, fail_on: str = "") -> tuple[int, list[s
 def test_make_all_runs_the_stages_in_order_with_models_two_at_a_time_on_one_thread_each(tmp_path):
     rc, calls = run_make(tmp_path, "all", "JOBS=2", "NPROC=2", "PTBXL_DIR=/data")
     assert rc == 0
-    compression = ("compression.compress", "compression.export_onnx", "compression.openvino_export")
+    compression = ("compression.compress", "compression.export_onnx", "compression.openvino_export",
+                   "compression.prune_structured")
     stages = [next(s for m, s in [("build_cache",) * 2, ("models.train",) * 2, ("models.summarize",) * 2,
                                   *((m, "compress-all") for m in compression), ("eval.evaluate",) * 2,
                                   ("eval.report",) * 2] if m in c) for c in calls]
@@ -50,6 +51,7 @@ def test_make_all_runs_the_stages_in_order_with_models_two_at_a_time_on_one_thre
     assert sum("compression.compress" in c for c in calls) == 12  # prune + quantize of six models
     assert sum("compression.export_onnx" in c for c in calls) == 6  # ONNX Runtime fp32 + int8
     assert sum("compression.openvino_export" in c for c in calls) == 6  # OpenVINO fp32 + NNCF int8
+    assert sum("compression.prune_structured" in c for c in calls) == 6  # structured pruning + its int8
     assert all(c.startswith("OMP=1 ") for c in calls if "compression." in c)  # two jobs, one thread each
     assert all(c.startswith("OMP=unset ") for c in calls if "eval." in c)  # timing runs on every core, alone
 

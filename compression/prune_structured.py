@@ -1,0 +1,672 @@
+"""Structured pruning of a trained run: `python -m compression.prune_structured --model vit` → a smaller dense
+network in artifacts/compressed/<run>/structured/ (`make prune-structured-<model>`).
+
+Unstructured pruning (compression/compress.py, method "prune") zeroes weights but keeps every tensor's shape, so
+the network runs no faster. Here whole units go: channels of the CNNs (effnetv2, convnext, resnet1d_wang,
+xresnet1d101), attention heads and MLP hidden units of the transformers (vit, deit; the embedding width and the
+classifier heads stay). Torch-Pruning's dependency graph removes every tensor slice that is coupled to a removed
+unit (skip connections, depthwise convolutions, BatchNorm, the concat-pool head).
+
+How:
+  * PRUNE_STEPS small steps, each removing the same fraction of the remaining units from every layer (heads:
+    that fraction of all heads, least important first across blocks, at least MIN_HEADS per block), the
+    fraction chosen so that step k leaves (1 − target·k/steps) of the parent's parameters (or MACs); each step
+    is followed by a short fine-tune, the last by the recovery fine-tune. Extra steps run until the target is
+    met, so the reduction reached is ≥ the target.
+  * importance (IMPORTANCE, --importance): group L2 magnitude, or first-order Taylor |w·∂L/∂w| from
+    TAYLOR_BATCHES training batches before each step.
+  * fine-tuning distils from the unpruned parent (frozen, eval mode) on the same random crops the student sees:
+    loss = (1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)) per class (KD_ALPHA, KD_T; --kd-alpha 0 = plain fine-tuning).
+  * the artifact is structured.safetensors + shapes.json, rebuilt without pickle by shared/structured.py.
+  * --then-int8 also writes the pruned network's OpenVINO NNCF int8 IR to structured_openvino_int8/ (the same
+    conversion and calibration as compression/openvino_export.py).
+
+Measured (val macro AUC on the real PTB-XL subset's 53 validation records, where differences under ~0.01 are
+noise; mean of fine-tune seeds 0, 1, 2): 40 % fewer parameters in 4 steps, 6 fine-tune batches after each and
+3 epochs of 3 batches (the quick profile's cap) after the last, 33 batches in all —
+`python -m compression.prune_structured --run RUN --data CACHE --out OUT --force --step-batches 6
+--finetune-epochs 3 --importance I --kd-alpha A --seed S`. Parents: the quick profile trained 6 epochs (make
+demo's settings), and tests/conftest.py's 1-epoch, 3-batch quick runs. "Unpruned": the parent given the same
+33 batches of fine-tuning (plain BCE), to tell what pruning costs from what the extra training gains.
+                       parent   magnitude KD / plain   Taylor KD / plain   unpruned
+  vit, 6 epochs        0.814    0.837 / 0.836          0.832 / 0.831       0.829
+  resnet1d_wang, 6 ep  0.877    0.899 / 0.898          0.888 / 0.894       0.894
+  vit, 3 batches       0.666    0.752 / 0.757          0.761 / 0.762       0.774
+  resnet1d_wang, 3 b   0.671    0.877 / 0.878          0.834 / 0.840       0.880
+  * importance: magnitude beat Taylor on three of the four (by 0.004 to 0.04) and needs no backward passes:
+    IMPORTANCE = magnitude.
+  * distillation (α 0.5, T 2) over plain fine-tuning: +0.001 with the 6-epoch teachers (noise level), −0.001 and
+    −0.006 with the 3-batch ones, teachers worse than the pruned student becomes on its own. KD_ALPHA stays 0.5 for
+    trained parents; --kd-alpha 0 for a weak one.
+  * the pruned networks beat their parents because the fine-tune trains them further; against "unpruned" (the
+    same extra training) pruning 40 % cost nothing measurable on the 6-epoch runs (+0.005, +0.008) and on the
+    3-batch resnet1d_wang (−0.002), 0.02 on the 3-batch vit.
+  * reached: vit params −40.7 %, MACs −42.4 %; resnet1d_wang params −43.2 %, MACs −42.8 % (128-wide layers
+    move in steps of 8 channels). One thread, same process, pruned vs parent: vit batch 32 ×1.47, batch 1 ×1.34;
+    resnet1d_wang batch 32 ×1.51, batch 1 ×1.29. Their int8 IRs (--then-int8): 1.99 and 0.36 MB (fp32 10.8 and
+    1.9 MB) at the pruned network's val AUC (±0.002).
+Scored on the validation fold only (eval-all reads test once). A finished variant of the run's present
+checkpoint is skipped unless --force.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import artifacts as art  # noqa: E402
+from shared.cache import open_cache  # noqa: E402
+from shared.dataset import ECGDataset, make_loader  # noqa: E402
+from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic  # noqa: E402
+from shared.nets import MODELS, count_parameters  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.results import check_against_parent  # noqa: E402
+from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured  # noqa: E402
+from shared.training import InputAdapter, train_step, validation_scores  # noqa: E402
+
+# Knobs
+METHOD = "structured"
+INT8_VARIANT = "structured_openvino_int8"
+IMPORTANCE = "magnitude"       # magnitude | taylor (module docstring: measured)
+TARGET_PARAMS = 0.4            # fraction of the parent's parameters to remove (or --target-macs)
+PRUNE_STEPS = 4                # small steps, each followed by STEP_FINETUNE_BATCHES of fine-tuning
+STEP_FINETUNE_BATCHES = 100
+FINETUNE_EPOCHS = 1            # recovery fine-tune after the last step
+FINETUNE_LR_FACTOR = 0.1       # × the run's learning rate, as compress.py's fine-tune
+KD_ALPHA = 0.5                 # weight of the distillation term; 0 = plain fine-tuning on the labels
+KD_T = 2.0                     # distillation temperature
+TAYLOR_BATCHES = 4             # training batches whose gradients give the Taylor importance
+MIN_HEADS = 1                  # attention heads every transformer block keeps
+MAX_STEP_RATIO = 0.8           # most of a layer's remaining units one step may remove
+EXTRA_STEPS = 3                # further steps allowed when the planned ones fall short of the target
+RATIO_SEARCH_ITERS = 12        # trials (on copies) to find each step's fraction
+RATIO_TOLERANCE = 0.002        # a step may overshoot its planned count by this fraction of the parent's
+ROUND_TO = 8                   # widths rounded to the nearest multiple (narrower layers kept): resnet1d_wang b32
+                               # on 1 thread ran 844 vs 667 windows/s unrounded (−43 % vs −41 % MACs), vit,
+                               # effnetv2, convnext 1-5 % faster
+CALIBRATION_BATCHES = 16       # int8 calibration, as compress.py and openvino_export.py
+SPEED_ROUNDS = 5               # alternating rounds of pruned vs parent forward timing
+SPEED_RUNS = 3                 # timed forwards per model and round
+QUICK_STEP_BATCHES = 2
+QUICK_FINETUNE_BATCHES = 3
+QUICK_TAYLOR_BATCHES = 1
+QUICK_CALIBRATION_BATCHES = 3
+QUICK_SPEED_ROUNDS = 2
+
+warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
+
+
+# ------------------------------------------------------------------ what may be pruned
+def classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """The output layers (their 5 outputs are the classes): timm's get_classifier (deit has two), else the last
+    Linear (the 1-D nets' concat-pool head)."""
+    if hasattr(model, "get_classifier"):
+        c = model.get_classifier()
+        layers = list(c) if isinstance(c, (tuple, list)) else [c]
+    else:
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    return [m for m in layers if isinstance(m, nn.Module)]
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    from timm.layers import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def make_importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if kind == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    raise ValueError(f"unknown importance {kind!r}; choose magnitude or taylor")
+
+
+# ------------------------------------------------------------------ one pruning step
+def prune_step(model: nn.Module, ratio: float, importance, example: torch.Tensor) -> dict:
+    """Remove `ratio` of the remaining units of every prunable layer, in place; transformers: of their MLP hidden
+    units and of all attention heads (least important first, MIN_HEADS kept per block). Returns what went."""
+    import torch_pruning as tp
+
+    model.eval()
+    attns = attention_layers(model)
+    ignored = classifier_layers(model)
+    for a in attns:  # heads are removed below; q/k/v and proj widths and the embedding width stay
+        ignored += [a.qkv, a.proj]
+    if attns and hasattr(model, "patch_embed"):
+        ignored.append(model.patch_embed)
+    with warnings.catch_warnings():  # "unwrapped parameters": cls/pos tokens, layer scales — pruned along their
+        warnings.simplefilter("ignore")  # last dimension, which is right for all of these
+        pruner = _nearest_round_pruner()(model, example, importance=importance, pruning_ratio=ratio,
+                                         ignored_layers=ignored, round_to=ROUND_TO, global_pruning=False)
+    heads = prune_heads(pruner.DG, attns, ratio, importance) if attns else 0
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    return {"heads_removed": heads}
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_round_pruner():
+    """The pruner class, defined on first use (torch_pruning is imported only where pruning happens)."""
+    import torch_pruning as tp
+
+    class NearestRoundPruner(tp.pruner.BasePruner):
+        """Torch-Pruning rounds a layer's remaining width *down* to a multiple of round_to: over several small
+        steps that cut a 16-channel layer to 8 at the first step that touches it. Round to the nearest
+        multiple instead, and leave layers narrower than round_to as they are."""
+
+        def _round_to(self, n_pruned, current_channels, round_to):
+            remaining = current_channels - n_pruned
+            rounded = int(round(remaining / round_to)) * round_to
+            if rounded < round_to:
+                return 0 if current_channels <= round_to else current_channels - round_to
+            return max(current_channels - rounded, 0)
+
+    return NearestRoundPruner
+
+
+def prune_heads(dg, attns: list[nn.Module], ratio: float, importance) -> int:
+    """Remove round(ratio × all heads) whole heads, the least important first over all blocks, and set the
+    blocks' num_heads / attn_dim (timm's Attention.forward reshapes by num_heads, head_dim and attn_dim)."""
+    import torch_pruning as tp
+
+    scores = []
+    for i, a in enumerate(attns):
+        if a.qkv.out_features != 3 * a.num_heads * a.head_dim:
+            raise ValueError(f"attention block {i}: qkv has {a.qkv.out_features} outputs, expected 3 × "
+                             f"{a.num_heads} heads × {a.head_dim}")
+        group = dg.get_pruning_group(a.qkv, tp.prune_linear_out_channels, list(range(a.qkv.out_features)))
+        imp = importance(group)
+        per_head = imp.reshape(3, a.num_heads, a.head_dim).mean(dim=(0, 2))
+        scores += [(float(s), i, h) for h, s in enumerate(per_head)]
+    n_remove = int(round(ratio * len(scores)))
+    left = [a.num_heads for a in attns]
+    chosen: dict[int, list[int]] = {}
+    for _, i, h in sorted(scores):
+        if sum(len(v) for v in chosen.values()) >= n_remove:
+            break
+        if left[i] - 1 >= MIN_HEADS:
+            chosen.setdefault(i, []).append(h)
+            left[i] -= 1
+    for i, hs in chosen.items():
+        a = attns[i]
+        idxs = [s * a.attn_dim + h * a.head_dim + d for s in range(3) for h in sorted(hs) for d in range(a.head_dim)]
+        dg.get_pruning_group(a.qkv, tp.prune_linear_out_channels, idxs).prune()
+        a.num_heads -= len(hs)
+        a.attn_dim = a.num_heads * a.head_dim
+    return sum(len(v) for v in chosen.values())
+
+
+def measure(model: nn.Module, example: torch.Tensor) -> dict:
+    """Parameters (all of them) and MACs of one input (Torch-Pruning's op counter: conv/linear/norm layers;
+    the attention matmuls themselves are not counted)."""
+    import torch_pruning as tp
+
+    model.eval()
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, example)
+    return {"params": int(count_parameters(model)), "macs": int(macs)}
+
+
+def step_ratio(model: nn.Module, goal: float, key: str, example: torch.Tensor, tolerance: float) -> float:
+    """The smallest fraction whose step leaves at most `goal` params/MACs (within `tolerance` below it), found by
+    bracketed interpolation on copies. The count after a step does not depend on which units go (every layer
+    loses the same fraction), so the copies rank units at random, which costs nothing; MAX_STEP_RATIO when even
+    that is not enough."""
+    import torch_pruning as tp
+
+    current = measure(model, example)[key]
+
+    def excess(r: float) -> float:
+        trial = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]):  # the random ranking leaves the fine-tune's random stream alone
+            prune_step(trial, r, tp.importance.RandomImportance(), example)
+        return measure(trial, example)[key] - goal
+
+    lo, f_lo = 0.0, current - goal
+    if f_lo <= 0:
+        return 0.0
+    hi, f_hi = None, None
+    r = min(MAX_STEP_RATIO, 1 - (goal / current) ** 0.5)  # widths pruned on both sides: count ~ (1 − r)²
+    for _ in range(RATIO_SEARCH_ITERS):
+        f = excess(r)
+        if f <= 0:
+            hi, f_hi = r, f
+            if -f <= tolerance:
+                break
+        else:
+            lo, f_lo = r, f
+        if hi is None:
+            if lo >= MAX_STEP_RATIO:
+                return MAX_STEP_RATIO
+            removed = current - goal - f_lo  # by fraction lo: extrapolate past the goal, to bracket it
+            r = min(MAX_STEP_RATIO, lo * (1 + 2 * f_lo / max(removed, 1e-9)) + 0.01)
+            continue
+        if hi - lo < 1e-3:
+            break
+        width = hi - lo
+        r = lo + width * f_lo / (f_lo - f_hi)  # linear interpolation, kept inside the bracket
+        r = min(max(r, lo + 0.1 * width), hi - 0.1 * width)
+    return hi if hi is not None else MAX_STEP_RATIO
+
+
+def prune_to_target(model: nn.Module, example: torch.Tensor, target: float, by: str = "params",
+                    steps: int = PRUNE_STEPS, importance: str = IMPORTANCE, before_step=None, after_step=None,
+                    log=print) -> dict:
+    """Prune `model` in place until `by` (params | macs) is reduced by ≥ `target`. before_step(model) prepares
+    the importance (Taylor: gradients); after_step(model, step) fine-tunes. Returns the schedule and reductions."""
+    if by not in ("params", "macs"):
+        raise ValueError(f"unknown target {by!r}; choose params or macs")
+    if not 0 < target < 1:
+        raise ValueError(f"target reduction {target} must be between 0 and 1")
+    base = measure(model, example)
+    now = dict(base)
+    history = []
+    step = 0
+    while now[by] > base[by] * (1 - target):
+        if step >= steps + EXTRA_STEPS:
+            raise ValueError(f"{by} reduced by {1 - now[by] / base[by]:.3f} after {step} steps; "
+                             f"the target {target} is out of reach")
+        step += 1
+        goal = base[by] * (1 - target * min(step, steps) / steps)
+        ratio = step_ratio(model, goal, by, example, RATIO_TOLERANCE * base[by])
+        if before_step is not None:
+            before_step(model)
+        removed = prune_step(model, ratio, make_importance(importance), example)
+        now = measure(model, example)
+        record = {"step": step, "ratio": round(ratio, 4), **removed, "params": now["params"], "macs": now["macs"],
+                  "params_reduction": 1 - now["params"] / base["params"],
+                  "macs_reduction": 1 - now["macs"] / base["macs"]}
+        log(f"step {step}: removed {ratio:.1%} of each layer's units"
+            + (f", {removed['heads_removed']} heads" if removed["heads_removed"] else "")
+            + f" → params {now['params'] / 1e6:.3f} M (−{record['params_reduction']:.1%}), "
+              f"MACs {now['macs'] / 1e6:.1f} M (−{record['macs_reduction']:.1%})")
+        if after_step is not None:
+            record.update(after_step(model, step) or {})
+        history.append(record)
+    return {"target": target, "target_by": by, "steps": history, "params_parent": base["params"],
+            "macs_parent": base["macs"], "params": now["params"], "macs": now["macs"],
+            "params_reduction": 1 - now["params"] / base["params"], "macs_reduction": 1 - now["macs"] / base["macs"]}
+
+
+# ------------------------------------------------------------------ fine-tuning with distillation
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, alpha: float = KD_ALPHA,
+            temperature: float = KD_T) -> torch.Tensor:
+    """(1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)), averaged over records and classes: each class is its own binary
+    problem (multi-label), so the teacher's soft target is its sigmoid, not a softmax over classes."""
+    hard = F.binary_cross_entropy_with_logits(student, targets)
+    if alpha == 0 or teacher is None:
+        return hard
+    soft = F.binary_cross_entropy_with_logits(student / temperature, torch.sigmoid(teacher / temperature))
+    return (1 - alpha) * hard + alpha * soft
+
+
+def finetune(model: nn.Module, teacher: nn.Module, cfg: dict, cache, adapter: InputAdapter, batches: int, seed: int,
+             alpha: float = KD_ALPHA, temperature: float = KD_T, lr_factor: float = FINETUNE_LR_FACTOR,
+             desc: str = "fine-tune") -> float:
+    """`batches` training steps (cycling the training split as needed) on random crops; the teacher sees the same
+    crops. A fresh optimizer every call: pruning replaced the parameters. Returns the mean loss."""
+    from tqdm import tqdm
+
+    if batches <= 0:
+        return float("nan")
+    loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 17 + seed,
+                         drop_last=len(ECGDataset(cache, "train")) >= cfg["batch_size"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"] * lr_factor,
+                            weight_decay=cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(cfg["seed"] + 23 + seed)
+    teacher.eval()
+    losses = []
+    bar = tqdm(total=batches, desc=desc, leave=False)
+    while len(losses) < batches:
+        for x, y in loader:
+            if len(losses) >= batches:
+                break
+            inputs = adapter.train_input(x, gen)
+            with torch.no_grad():
+                t = teacher(inputs).float() if alpha > 0 else None
+            losses.append(train_step(model, opt, lambda s, target: kd_loss(s, t, target, alpha, temperature),
+                                     inputs, y, torch.device("cpu"), False, cfg.get("grad_clip", 1.0)))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+    bar.close()
+    model.eval()
+    return float(np.mean(losses))
+
+
+def taylor_gradients(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, batches: int, seed: int) -> None:
+    """Accumulate ∂BCE/∂w over `batches` training batches (eval mode: no dropout, BatchNorm statistics kept)."""
+    loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 41 + seed)
+    gen = torch.Generator().manual_seed(cfg["seed"] + 43 + seed)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        F.binary_cross_entropy_with_logits(model(adapter.train_input(x, gen)), y).backward()
+
+
+# ------------------------------------------------------------------ speed
+def speed(pruned: nn.Module, parent: nn.Module, windows: torch.Tensor, rounds: int = SPEED_ROUNDS,
+          runs: int = SPEED_RUNS) -> dict:
+    """Windows (inputs) per second of both networks on one thread, batch 32 and batch 1, measured in alternating
+    rounds in this process so that load from other work on the machine hits both alike; medians."""
+    from shared.timing import time_forward
+
+    x32 = windows[torch.arange(32) % len(windows)].contiguous()
+    x1 = windows[:1].contiguous()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = {(name, b): [] for name in ("structured", "fp32") for b in (32, 1)}
+    try:
+        for _ in range(rounds):
+            for name, model in (("structured", pruned), ("fp32", parent)):
+                model.eval()
+                times[(name, 32)] += list(time_forward(model, x32, runs, warmup=1))
+                times[(name, 1)] += list(time_forward(model, x1, runs * 4, warmup=2))
+    finally:
+        torch.set_num_threads(threads)
+    out = {f"{name}_b{b}_windows_per_s": round(b / float(np.median(t)), 1) for (name, b), t in times.items()}
+    out["threads"] = 1
+    return out
+
+
+def speed_line(name: str, s: dict, m: dict) -> str:
+    return (f"{name} speed (1 thread): batch 32 {s['structured_b32_windows_per_s']:.0f} vs "
+            f"{s['fp32_b32_windows_per_s']:.0f} windows/s unpruned "
+            f"(×{s['structured_b32_windows_per_s'] / s['fp32_b32_windows_per_s']:.2f}), batch 1 "
+            f"{s['structured_b1_windows_per_s']:.0f} vs {s['fp32_b1_windows_per_s']:.0f} "
+            f"(×{s['structured_b1_windows_per_s'] / s['fp32_b1_windows_per_s']:.2f}); MACs "
+            f"{m['macs'] / 1e6:.1f} M vs {m['macs_parent'] / 1e6:.1f} M (−{m['macs_reduction']:.1%}), params "
+            f"{m['params'] / 1e6:.3f} M vs {m['params_parent'] / 1e6:.3f} M (−{m['params_reduction']:.1%})")
+
+
+# ------------------------------------------------------------------ driver
+class PruningFailed(RuntimeError):
+    pass
+
+
+def eval_windows(cache, adapter: InputAdapter, records: int = 16) -> torch.Tensor:
+    ds = ECGDataset(cache, "val")
+    x, _ = ds.__getitems__(range(min(records, len(ds))))
+    return adapter.eval_inputs(x)[0]
+
+
+def make_structured(run_dir: Path, parent: nn.Module, cfg: dict, cache, adapter: InputAdapter, out: Path,
+                    opts: dict) -> tuple[nn.Module, dict]:
+    """Prune a copy of the parent to the target with fine-tuning between steps; (pruned model, variant info)."""
+    quick = cfg.get("profile") == "quick"
+    student = copy.deepcopy(parent)
+    example = eval_windows(cache, adapter, 1)[:1]
+    steps = opts["steps"] or PRUNE_STEPS
+    step_batches = opts["step_batches"] if opts["step_batches"] is not None else (
+        QUICK_STEP_BATCHES if quick else STEP_FINETUNE_BATCHES)
+    epochs = opts["finetune_epochs"] if opts["finetune_epochs"] is not None else FINETUNE_EPOCHS
+    per_epoch = len(ECGDataset(cache, "train")) // cfg["batch_size"] or 1
+    cap = opts["finetune_batches"] or (QUICK_FINETUNE_BATCHES if quick else per_epoch)
+    final_batches = epochs * min(per_epoch, cap)
+    taylor_batches = QUICK_TAYLOR_BATCHES if quick else TAYLOR_BATCHES
+    kd = dict(alpha=opts["kd_alpha"], temperature=opts["kd_t"], lr_factor=opts["lr_factor"])
+    seeds = iter(range(1000, 10_000, 100))
+
+    def before(model):
+        if opts["importance"] == "taylor":
+            taylor_gradients(model, cfg, cache, adapter, taylor_batches, next(seeds))
+
+    def after(model, step):
+        loss = finetune(model, parent, cfg, cache, adapter, step_batches, next(seeds), desc=f"step {step} fine-tune",
+                        **kd)
+        return {"finetune_batches": step_batches, "finetune_loss": loss}
+
+    torch.manual_seed(cfg["seed"])
+    t0 = time.time()
+    info = prune_to_target(student, example, opts["target"], opts["by"], steps, opts["importance"], before, after,
+                           log=lambda s: print(f"{run_dir.name}/{METHOD}: {s}", flush=True))
+    loss = finetune(student, parent, cfg, cache, adapter, final_batches, next(seeds), desc="recovery fine-tune", **kd)
+    info.update(final_finetune_batches=final_batches, final_finetune_loss=loss, seconds=round(time.time() - t0, 1))
+    info.update(save_structured(out, student, cfg))
+    info.update(importance=opts["importance"], kd_alpha=opts["kd_alpha"], kd_t=opts["kd_t"],
+                lr=cfg["lr"] * opts["lr_factor"], step_finetune_batches=step_batches, taylor_batches=(
+                    taylor_batches if opts["importance"] == "taylor" else 0),
+                library="torch-pruning (DepGraph)", heads_min=MIN_HEADS, round_to=ROUND_TO)
+    return student, info
+
+
+def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None = None, force: bool = False,
+              target: float = TARGET_PARAMS, by: str = "params", importance: str = IMPORTANCE,
+              kd_alpha: float = KD_ALPHA, kd_t: float = KD_T, steps: int | None = None,
+              step_batches: int | None = None, finetune_epochs: int | None = None,
+              finetune_batches: int | None = None, lr_factor: float = FINETUNE_LR_FACTOR, then_int8: bool = False,
+              calibration_batches: int | None = None, speed_rounds: int | None = None, seed: int | None = None) -> dict:
+    run_dir = Path(run_dir)
+    parent, cfg = art.load_run(run_dir)
+    run_cfg = cfg
+    if seed is not None:  # the fine-tune's shuffles and crops (and Taylor's batches); the network is the run's
+        cfg = dict(cfg, seed=seed)
+    cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
+    adapter = InputAdapter(cfg, cache.sampling_rate)
+    quick = cfg.get("profile") == "quick"
+    root = (out_root or compressed_dir()) / run_dir.name
+    out = root / METHOD
+    source_sha256 = art.checkpoint_sha256(run_dir)
+    opts = dict(target=target, by=by, importance=importance, kd_alpha=kd_alpha, kd_t=kd_t, steps=steps,
+                step_batches=step_batches, finetune_epochs=finetune_epochs, finetune_batches=finetune_batches,
+                lr_factor=lr_factor)
+    done = art.finished_variant(out, run_dir, source_sha256, force)
+    windows = eval_windows(cache, adapter)
+    if done is None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # a half-redone variant must not pass as finished
+        try:
+            model, info = make_structured(run_dir, parent, cfg, cache, adapter, out, opts)
+            reloaded = load_structured(out, cfg)  # score what a later stage will load
+            with torch.no_grad():
+                diff = (reloaded(windows) - model(windows)).abs().max().item()
+            if diff > 1e-5:
+                raise ValueError(f"{out / WEIGHTS_FILE}: reloads to different outputs (max |Δ| {diff:.2e})")
+            evaluated = art.channels_last_if_configured(reloaded, cfg)
+            metrics = validation_scores(evaluated, cache, adapter)
+            s = speed(evaluated, art.channels_last_if_configured(parent, cfg), windows,
+                      speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
+        except (ValueError, RuntimeError) as e:
+            raise PruningFailed(f"{run_dir.name}/{METHOD}: {type(e).__name__}: {first_line(e)}") from e
+        model = reloaded
+        info.update(finetune_seed=cfg["seed"], method=METHOD, run=str(run_dir.resolve()),
+                    source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"],
+                    versions={**library_versions(), **_versions()})
+        write_json_atomic(out / "variant.json", info)
+        metrics.update(method=METHOD, run=run_dir.name, artifact_bytes=_structured_bytes(out),
+                       fp32_bytes=(run_dir / "best.safetensors").stat().st_size,
+                       **{k: info[k] for k in ("target", "target_by", "params", "params_parent", "params_reduction",
+                                               "macs", "macs_parent", "macs_reduction", "importance", "kd_alpha",
+                                               "kd_t")}, speed=s)
+        check_against_parent(metrics, run_dir, f"{run_dir.name}/{METHOD}")
+        write_json_atomic(out / "metrics.json", metrics)
+        print(f"{run_dir.name}/{METHOD}: val macro AUC {metrics['val']['macro_auc']:.4f}"
+              f"{_change(metrics)}, params −{info['params_reduction']:.1%}, MACs −{info['macs_reduction']:.1%}, "
+              f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), "
+              f"{info['seconds']:.0f} s", flush=True)
+        done = metrics
+    else:
+        model = load_structured(out, cfg)
+        s = None
+    results = {METHOD: done}
+    if then_int8:
+        results[INT8_VARIANT] = int8_variant(run_dir, source_sha256, model, run_cfg, cache, adapter, root, out, force,
+                                             calibration_batches or (QUICK_CALIBRATION_BATCHES if quick
+                                                                     else CALIBRATION_BATCHES))
+    if s is None:
+        s = speed(art.channels_last_if_configured(model, cfg), art.channels_last_if_configured(parent, cfg), windows,
+                  speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
+    print(speed_line(f"{run_dir.name}/{METHOD}", s, done), flush=True)
+    return results
+
+
+def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict, cache, adapter: InputAdapter,
+                 root: Path, structured_dir: Path, force: bool, batches: int) -> dict:
+    """OpenVINO NNCF int8 of the pruned network (structured + int8: the deploy candidate), made as
+    compression/openvino_export.py makes openvino_int8 from the unpruned one."""
+    from compression import openvino_export as ove
+    from shared.openvino_model import OpenVinoModel
+
+    out = root / INT8_VARIANT
+    structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
+    done = art.finished_variant(out, run_dir, source_sha256, force)
+    if done is not None:
+        if read_json(out / "variant.json").get("structured_sha256") == structured_sha:
+            return done
+        print(f"{out}: made from another structured.safetensors: redoing it", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    compare = ove.val_windows(cache, adapter)
+    fp32_auc = read_json(structured_dir / "metrics.json")["val"]["macro_auc"]
+    t0 = time.time()
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix=".fp32-ir-", dir=out) as tmp:
+            converted = ove.convert_fp32(model.eval(), compare, Path(tmp))
+            info = ove.quantize_int8(Path(tmp) / "model.xml", out, cache, adapter, cfg, batches, fp32_auc)
+    except Exception as e:  # the converter or NNCF cannot handle this network
+        raise PruningFailed(f"{run_dir.name}/{INT8_VARIANT}: {type(e).__name__}: {first_line(e)}") from e
+    seconds = time.time() - t0
+    info.update(artifact="model.xml", weights="model.bin", method="openvino_int8", source=METHOD,
+                structured_sha256=structured_sha, fp32_ir_max_abs_logit_diff_vs_torch=converted[
+                    "max_abs_logit_diff_vs_torch"], run=str(run_dir.resolve()), source_sha256=source_sha256,
+                model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
+                versions={**library_versions(), **_versions()})
+    write_json_atomic(out / "variant.json", info)
+    ov_model = OpenVinoModel(out / "model.xml")
+    metrics = validation_scores(ov_model, cache, adapter, chunk=ove.EVAL_CHUNK)
+    with torch.no_grad():
+        diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
+    metrics.update(method="openvino_int8", source=METHOD, run=run_dir.name,
+                   artifact_bytes=art.artifact_bytes(out / "model.xml"),
+                   fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
+    check_against_parent(metrics, run_dir, f"{run_dir.name}/{INT8_VARIANT}")
+    write_json_atomic(out / "metrics.json", metrics)
+    print(f"{run_dir.name}/{INT8_VARIANT}: val macro AUC {metrics['val']['macro_auc']:.4f}{_change(metrics)}, "
+          f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), "
+          f"max |Δp| vs pruned torch {diff:.4f}, {seconds:.0f} s", flush=True)
+    return metrics
+
+
+def _change(metrics: dict) -> str:
+    change = metrics.get("val_auc_change_vs_fp32")
+    return "" if change is None else f" ({change:+.4f} vs fp32)"
+
+
+def _structured_bytes(out: Path) -> int:
+    return (out / WEIGHTS_FILE).stat().st_size + (out / SHAPES_FILE).stat().st_size
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch-pruning", "openvino", "nncf"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction between 0 and 1")
+    return value
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compression.prune_structured", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", choices=MODELS, help="prune artifacts/runs/<model>-<repr>-<profile>")
+    src.add_argument("--run", type=Path, help="a training run folder (artifacts/runs/<run>)")
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"),
+                    help="with --model: the run's profile (default $PROFILE or cpu)")
+    ap.add_argument("--representation", default=os.environ.get("REPR") or None,
+                    help="with --model: the run's representation (default $REPR or the config's)")
+    tgt = ap.add_mutually_exclusive_group()
+    tgt.add_argument("--target-params", type=_fraction, default=None, metavar="FRACTION",
+                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS})")
+    tgt.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
+                     help="fraction of the MACs to remove instead")
+    ap.add_argument("--importance", choices=("magnitude", "taylor"), default=IMPORTANCE,
+                    help="unit importance: group L2 magnitude or first-order Taylor (default %(default)s)")
+    ap.add_argument("--kd-alpha", type=float, default=KD_ALPHA,
+                    help="weight of distillation from the unpruned model; 0 = plain fine-tuning (default %(default)s)")
+    ap.add_argument("--kd-t", type=float, default=KD_T, help="distillation temperature (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=None, help=f"pruning steps (default {PRUNE_STEPS})")
+    ap.add_argument("--step-batches", type=int, default=None,
+                    help=f"fine-tune batches after each step (default {STEP_FINETUNE_BATCHES}, quick "
+                         f"{QUICK_STEP_BATCHES})")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help=f"recovery fine-tune epochs after the last step (default {FINETUNE_EPOCHS})")
+    ap.add_argument("--finetune-batches", type=int, default=None,
+                    help=f"at most this many batches per recovery epoch (default all, quick {QUICK_FINETUNE_BATCHES})")
+    ap.add_argument("--lr-factor", type=float, default=FINETUNE_LR_FACTOR,
+                    help="fine-tune learning rate as a factor of the run's (default %(default)s)")
+    ap.add_argument("--then-int8", action="store_true",
+                    help=f"also write the pruned network's OpenVINO NNCF int8 IR to {INT8_VARIANT}/")
+    ap.add_argument("--calibration-batches", type=int, default=None,
+                    help=f"int8 calibration batches (default {CALIBRATION_BATCHES}, quick {QUICK_CALIBRATION_BATCHES})")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the fine-tune's shuffles and crops (default: the run's seed)")
+    ap.add_argument("--speed-rounds", type=int, default=None,
+                    help=f"alternating timing rounds for the speed line (default {SPEED_ROUNDS}, quick "
+                         f"{QUICK_SPEED_ROUNDS})")
+    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
+    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
+    ap.add_argument("--force", action="store_true", help="redo finished variants")
+    args = ap.parse_args(argv)
+    if not 0 <= args.kd_alpha <= 1 or args.kd_t <= 0:
+        print(f"error: --kd-alpha must be in [0, 1] and --kd-t > 0 (got {args.kd_alpha}, {args.kd_t})",
+              file=sys.stderr)
+        return 2
+    if any(v is not None and v < 0 for v in (args.step_batches, args.finetune_epochs)) or any(
+            v is not None and v < 1 for v in (args.steps, args.finetune_batches, args.calibration_batches,
+                                              args.speed_rounds)):
+        print("error: step and batch counts must be positive", file=sys.stderr)
+        return 2
+    by, target = ("macs", args.target_macs) if args.target_macs is not None else (
+        "params", args.target_params if args.target_params is not None else TARGET_PARAMS)
+    try:
+        if args.model:
+            run = art.find_run(args.model, args.profile, args.representation)
+        else:
+            run = args.run if args.run.exists() else runs_dir() / str(args.run)
+            if not (run / "best.safetensors").exists():
+                raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+        prune_run(run, args.data, args.out, args.force, target, by, args.importance, args.kd_alpha, args.kd_t,
+                  args.steps, args.step_batches, args.finetune_epochs, args.finetune_batches, args.lr_factor,
+                  args.then_int8, args.calibration_batches, args.speed_rounds, args.seed)
+    except PruningFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
