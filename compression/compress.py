@@ -278,8 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-kd-alpha", type=float, default=QAT_KD_ALPHA,
                     help="weight of distillation from the fp32 parent in QAT (0: labels only; default %(default)s)")
     args = ap.parse_args(argv)
-    global QAT_KD_ALPHA
-    QAT_KD_ALPHA = args.qat_kd_alpha
+    globals()["QAT_KD_ALPHA"] = args.qat_kd_alpha  # the knob at the top, overridden for this run
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
