@@ -80,7 +80,9 @@ def quick_resnet_run(sample_cache, tmp_path_factory) -> Path:
     return _quick_run("resnet1d_wang", "signal", tmp_path_factory.mktemp("runs"), sample_cache)
 
 
-HEAVIEST_FILES_FIRST = ["test_compress.py", "test_train.py", "test_eval.py", "test_export.py", "test_tune.py"]
+HEAVIEST_FILES_FIRST = ["test_compress.py", "test_train.py", "test_eval.py", "test_prune_structured.py",
+                        "test_distill.py", "test_pretrained.py", "test_export.py", "test_openvino.py", "test_tune.py",
+                        "test_trust.py", "test_postgres.py", "test_bad_input.py"]
 
 
 def pytest_collection_modifyitems(items):

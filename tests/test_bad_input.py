@@ -35,7 +35,7 @@ def one_error_line(proc) -> str:
                                   "export-vitt", "export-openvino-vitt", "bench-compress-vitt"])
 def test_make_refuses_an_unknown_model_before_any_work(goal, tmp_path):
     artifacts = tmp_path / "artifacts"
-    r = subprocess.run(["make", goal], cwd=REPO, env={**os.environ, "ARTIFACTS": str(artifacts)},
+    r = subprocess.run(["make", "--no-print-directory", goal], cwd=REPO, env={**os.environ, "ARTIFACTS": str(artifacts)},
                        capture_output=True, text=True, timeout=120)
     out = (r.stdout + r.stderr).strip().splitlines()
     assert r.returncode != 0
@@ -53,7 +53,7 @@ def test_make_accepts_every_model_and_the_all_goals(tmp_path):
 
 def test_make_refuses_an_unknown_representation_before_any_work(tmp_path):
     artifacts = tmp_path / "artifacts"
-    r = subprocess.run(["make", "train-vit", "REPR=strp"], cwd=REPO, env={**os.environ, "ARTIFACTS": str(artifacts)},
+    r = subprocess.run(["make", "--no-print-directory", "train-vit", "REPR=strp"], cwd=REPO, env={**os.environ, "ARTIFACTS": str(artifacts)},
                        capture_output=True, text=True, timeout=120)
     out = (r.stdout + r.stderr).strip().splitlines()
     assert r.returncode != 0 and len(out) == 1 and "strp" in out[0] and "seed rows leads strip signal" in out[0], out

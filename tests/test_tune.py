@@ -201,7 +201,7 @@ def test_bad_input_is_one_line(sample_cache, tmp_path, monkeypatch, capsys):
     assert "cannot open storage postgresql://me:***@127.0.0.1:1/db: OperationalError" in error(
         *tune_args(sample_cache, 1, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db"))
     assert "no complete data cache" in error(*tune_args(tmp_path / "nothing", 1))
-    monkeypatch.setattr(config_mod, "search_space", lambda model: {"lrr": [1e-3]})
+    monkeypatch.setattr(config_mod, "search_space", lambda model, **kw: {"lrr": [1e-3]})
     assert "'lrr' is not a key" in error(*tune_args(sample_cache, 1))
     with pytest.raises(SystemExit) as e:
         tune.main(["--help"])
