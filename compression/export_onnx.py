@@ -420,9 +420,7 @@ def main(argv=None) -> int:
         elif args.model:
             run = art.find_run(args.model, args.profile, args.representation, args.kd)
         else:
-            run = args.run if args.run.exists() else runs_dir() / str(args.run)
-            if not (run / "best.safetensors").exists():
-                raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+            run = art.training_run(args.run)
         export(run, variants, args.data, args.out, args.force, args.calibration_batches, args.activation_type,
                dynamo=not args.no_dynamo, mode=args.int8)
     except (FileNotFoundError, ValueError) as e:

@@ -29,7 +29,7 @@ from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
 from shared.nets import MODELS, TRANSFORMERS
-from shared.paths import compressed_dir, data_cache_dir, runs_dir
+from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.training import InputAdapter, calibration_inputs, validation_scores
 
@@ -174,7 +174,7 @@ def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter,
     metrics = validation_scores(ov_model, cache, adapter, chunk=EVAL_CHUNK)
     with torch.no_grad():
         diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
-    metrics.update(method=variant, run=run_dir.name, artifact_bytes=_ir_bytes(out),
+    metrics.update(method=variant, run=run_dir.name, artifact_bytes=art.artifact_bytes(out / "model.xml"),
                    fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
     check_against_parent(metrics, run_dir, f"{run_dir.name}/{variant}")
     write_json_atomic(out / "metrics.json", metrics)
@@ -182,10 +182,6 @@ def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter,
           f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), "
           f"max |Δp| vs torch {diff:.4f}, {seconds:.0f} s", flush=True)
     return metrics
-
-
-def _ir_bytes(out: Path) -> int:
-    return (out / "model.xml").stat().st_size + (out / "model.bin").stat().st_size
 
 
 def _versions() -> dict:
@@ -221,9 +217,7 @@ def main(argv=None) -> int:
         if args.model:
             run = art.find_run(args.model, args.profile, args.representation, args.kd)
         else:
-            run = args.run if args.run.exists() else runs_dir() / str(args.run)
-            if not (run / "best.safetensors").exists():
-                raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+            run = art.training_run(args.run)
         export(run, variants, args.data, args.out, args.force, args.calibration_batches)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)

@@ -73,7 +73,7 @@ from shared.cache import open_cache  # noqa: E402
 from shared.dataset import ECGDataset, make_loader  # noqa: E402
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic  # noqa: E402
 from shared.nets import MODELS, count_parameters  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
 from shared.results import check_against_parent  # noqa: E402
 from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured  # noqa: E402
 from shared.training import InputAdapter, train_step, validation_scores  # noqa: E402
@@ -653,9 +653,7 @@ def main(argv=None) -> int:
         if args.model:
             run = art.find_run(args.model, args.profile, args.representation)
         else:
-            run = args.run if args.run.exists() else runs_dir() / str(args.run)
-            if not (run / "best.safetensors").exists():
-                raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+            run = art.training_run(args.run)
         prune_run(run, args.data, args.out, args.force, target, by, args.importance, args.kd_alpha, args.kd_t,
                   args.steps, args.step_batches, args.finetune_epochs, args.finetune_batches, args.lr_factor,
                   args.then_int8, args.calibration_batches, args.speed_rounds, args.seed)

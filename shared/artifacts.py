@@ -45,6 +45,15 @@ def find_run(model: str, profile: str, representation: str | None = None, distil
     return run
 
 
+def training_run(path: str | Path) -> Path:
+    """A run folder given on the command line: the path as given, else the name under artifacts/runs."""
+    path = Path(path)
+    run = path if path.exists() else runs_dir() / str(path)
+    if not (run / "best.safetensors").exists():
+        raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+    return run
+
+
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     """(fp32 model in eval mode, resolved training config) from a training run folder."""
     run_dir = Path(run_dir)
