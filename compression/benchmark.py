@@ -24,17 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import artifacts as art  # noqa: E402
-from shared.cache import CacheError, open_cache  # noqa: E402
-from shared.dataset import ECGDataset  # noqa: E402
-from shared.io import first_line, read_json, write_json_atomic  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
-from shared.timing import time_forward  # noqa: E402
-from shared.training import InputAdapter, autocast, predict_dataset, scores  # noqa: E402
+from shared import artifacts as art
+from shared.cache import CacheError, open_cache
+from shared.dataset import ECGDataset
+from shared.io import first_line, read_json, write_json_atomic
+from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
+from shared.timing import time_forward
+from shared.training import InputAdapter, autocast, predict_dataset, scores
 
 VARIANTS = ("fp32", "bf16", "prune", "structured", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8",
             "openvino_fp32", "openvino_int8", "structured_openvino_int8")

@@ -30,19 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import artifacts as art  # noqa: E402
-from shared.cache import open_cache  # noqa: E402
-from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits  # noqa: E402
-from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic  # noqa: E402
-from shared.nets import MODELS, TRANSFORMERS  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
-from shared.results import check_against_parent  # noqa: E402
-from shared.training import InputAdapter, calibration_inputs, train_step, validation_scores  # noqa: E402
+from shared import artifacts as art
+from shared.cache import open_cache
+from shared.dataset import ECGDataset, make_loader
+from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
+from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic
+from shared.nets import MODELS, TRANSFORMERS
+from shared.paths import compressed_dir, data_cache_dir
+from shared.results import check_against_parent
+from shared.training import InputAdapter, calibration_inputs, train_step, validation_scores
 
 # Knobs
 METHODS = ("prune", "dynamic", "static", "qat")

@@ -33,18 +33,15 @@ import numpy as np
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import artifacts as art  # noqa: E402
-from shared.cache import open_cache  # noqa: E402
-from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic  # noqa: E402
-from shared.nets import MODELS  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir, runs_dir  # noqa: E402
-from shared.results import check_against_parent  # noqa: E402
-from shared.training import InputAdapter, validation_scores  # noqa: E402
+from shared import artifacts as art
+from shared.cache import open_cache
+from shared.dataset import ECGDataset, make_loader
+from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic
+from shared.nets import MODELS
+from shared.paths import compressed_dir, data_cache_dir, runs_dir
+from shared.results import check_against_parent
+from shared.training import InputAdapter, validation_scores
 
 # Knobs
 VARIANTS = ("onnx_fp32", "onnx_int8")

@@ -64,19 +64,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import artifacts as art  # noqa: E402
-from shared.cache import open_cache  # noqa: E402
-from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic  # noqa: E402
-from shared.nets import MODELS, count_parameters  # noqa: E402
-from shared.paths import compressed_dir, data_cache_dir  # noqa: E402
-from shared.results import check_against_parent  # noqa: E402
-from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured  # noqa: E402
-from shared.training import InputAdapter, train_step, validation_scores  # noqa: E402
+from shared import artifacts as art
+from shared.cache import open_cache
+from shared.dataset import ECGDataset, make_loader
+from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
+from shared.nets import MODELS, count_parameters
+from shared.paths import compressed_dir, data_cache_dir
+from shared.results import check_against_parent
+from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured
+from shared.training import InputAdapter, train_step, validation_scores
 
 # Knobs
 METHOD = "structured"
@@ -142,8 +139,6 @@ def make_importance(kind: str):
 def prune_step(model: nn.Module, ratio: float, importance, example: torch.Tensor) -> dict:
     """Remove `ratio` of the remaining units of every prunable layer, in place; transformers: of their MLP hidden
     units and of all attention heads (least important first, MIN_HEADS kept per block). Returns what went."""
-    import torch_pruning as tp
-
     model.eval()
     attns = attention_layers(model)
     ignored = classifier_layers(model)

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 DEFAULT_SAMPLE = Path(os.environ.get("PTBXL_SAMPLE") or REPO / "tests" / "data" / "ptbxl-mini")
 

@@ -25,14 +25,11 @@ VAL_FOLDS = "9"
 TEST_FOLDS = "10"
 MAX_LISTED_PROBLEMS = 1000  # per-record problems listed in the manifest (all are counted)
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import cache as cache_fmt  # noqa: E402
-from shared.config import parse_ranges  # noqa: E402
-from shared.io import library_versions, read_json, sha256_file, write_json_atomic  # noqa: E402
-from shared.paths import data_cache_dir, download_dir  # noqa: E402
+from shared import cache as cache_fmt
+from shared.config import parse_ranges
+from shared.io import library_versions, read_json, sha256_file, write_json_atomic
+from shared.paths import data_cache_dir, download_dir
 
 
 class SourceError(RuntimeError):

@@ -34,17 +34,15 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import artifacts as art  # noqa: E402
-from shared import metrics as M  # noqa: E402
-from shared.io import (first_line, library_versions, read_json, write_bytes_atomic, write_json_atomic,  # noqa: E402
+from shared import artifacts as art
+from shared import metrics as M
+from shared.io import (first_line, library_versions, read_json, write_bytes_atomic, write_json_atomic,
                        write_text_atomic)
-from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir  # noqa: E402
-from shared.thresholds import read_thresholds, thresholds_path, write_thresholds  # noqa: E402
-from shared.timing import time_forward  # noqa: E402
-from shared.training import InputAdapter, autocast, predict_dataset  # noqa: E402
+from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
+from shared.thresholds import read_thresholds, thresholds_path, write_thresholds
+from shared.timing import time_forward
+from shared.training import InputAdapter, autocast, predict_dataset
 
 # Knobs
 BOOTSTRAP = 1000            # resamples for the 95 % intervals

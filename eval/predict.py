@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import artifacts as art  # noqa: E402
-from shared.inference import InputError, load_signal, normalization, normalize  # noqa: E402
-from shared.io import first_line, read_json  # noqa: E402
-from shared.labels import CLASSES  # noqa: E402
-from shared.thresholds import DEFAULT_THRESHOLD, read_thresholds  # noqa: E402
-from shared.training import InputAdapter  # noqa: E402
+from shared import artifacts as art
+from shared.inference import InputError, load_signal, normalization, normalize
+from shared.io import first_line
+from shared.labels import CLASSES
+from shared.thresholds import DEFAULT_THRESHOLD, read_thresholds
+from shared.training import InputAdapter
 
 def thresholds_for(path: Path) -> tuple[np.ndarray, str]:
     """The thresholds stored beside this very model (shared/thresholds.py); 0.5 with a warning when it has none."""

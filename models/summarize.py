@@ -16,13 +16,10 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared.io import write_json_atomic, write_text_atomic  # noqa: E402
-from shared.paths import runs_dir  # noqa: E402
-from shared.results import paired_test_difference, run_seed, run_teacher, test_predictions  # noqa: E402
+from shared.io import write_json_atomic, write_text_atomic
+from shared.paths import runs_dir
+from shared.results import paired_test_difference, run_seed, run_teacher, test_predictions
 
 
 def collect(root: Path, profile: str) -> list[dict]:

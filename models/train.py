@@ -31,20 +31,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import config as config_mod  # noqa: E402
-from shared.cache import CacheError, open_cache  # noqa: E402
-from shared.dataset import ECGDataset, make_loader  # noqa: E402
-from shared.distill import (TeacherChanged, check_settings, load_teacher, student_loss,  # noqa: E402
+from shared import config as config_mod
+from shared.cache import CacheError, open_cache
+from shared.dataset import ECGDataset, make_loader
+from shared.distill import (TeacherChanged, check_settings, load_teacher, student_loss,
                             teacher_logits)
-from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load_weights, read_json,  # noqa: E402
+from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load_weights, read_json,
                        save_checkpoint, save_weights, write_json_atomic)
-from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters  # noqa: E402
-from shared.paths import data_cache_dir, runs_dir  # noqa: E402
-from shared.training import InputAdapter, autocast, predict_batches, scores, train_step  # noqa: E402
+from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters
+from shared.paths import data_cache_dir, runs_dir
+from shared.training import InputAdapter, autocast, predict_batches, scores, train_step
 
 
 def run_name(cfg: dict) -> str:

@@ -38,14 +38,11 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from shared import config as config_mod  # noqa: E402
-from shared.io import library_versions, write_json_atomic, write_text_atomic  # noqa: E402
-from shared.nets import MODELS  # noqa: E402
-from shared.paths import artifacts_root, data_cache_dir  # noqa: E402
+from shared import config as config_mod
+from shared.io import library_versions, write_json_atomic, write_text_atomic
+from shared.nets import MODELS
+from shared.paths import artifacts_root, data_cache_dir
 
 # --- knobs ------------------------------------------------------------------------------------------------
 SAMPLER_SEED = 0          # trial n samples with a seed made of (SAMPLER_SEED, n): reproducible, and a resumed

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 # The real PTB-XL subset that ships with the repository; PTBXL_SAMPLE=/path points the tests at a larger copy.
 MINI = REPO / "tests" / "data" / "ptbxl-mini"
 SAMPLE = Path(os.environ.get("PTBXL_SAMPLE") or MINI).resolve()

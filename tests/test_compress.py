@@ -32,10 +32,10 @@ def _batch(sample_cache, cfg, n=16):
 def forward_in_fresh_process(load_expression: str, x: torch.Tensor, tmp_path) -> np.ndarray:
     """The output for x of `load_expression` (shared.artifacts names and Path in scope) in a new interpreter."""
     np.save(tmp_path / "x.npy", x.numpy())
-    code = (f"import sys, numpy as np, torch; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
+    code = (f"import sys, numpy as np, torch; from pathlib import Path;"
             f"from shared.artifacts import load_compiled, load_exported; m = {load_expression};"
             f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return np.load(tmp_path / "y.npy")
 

@@ -114,7 +114,7 @@ def test_variants_load_in_fresh_process_and_match(exported, sample_cache, tmp_pa
     _, cfg = art.load_run(run)
     x = _inputs(sample_cache, cfg, n=4)
     np.save(tmp_path / "x.npy", x.numpy())
-    code = (f"import sys, numpy as np, torch; sys.path.insert(0, {str(REPO)!r});"
+    code = (f"import sys, numpy as np, torch;"
             f"from shared.artifacts import load_variant;"
             f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}));"
             f"outs = {{}};\n"
@@ -122,7 +122,7 @@ def test_variants_load_in_fresh_process_and_match(exported, sample_cache, tmp_pa
             f"    m, cfg, info = load_variant({str(root)!r} + '/' + v); assert info['method'] == v\n"
             f"    outs[v] = m.eval()(x).numpy()\n"
             f"np.savez({str(tmp_path / 'y.npz')!r}, **outs)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     y = np.load(tmp_path / "y.npz")
     for v in ("onnx_fp32", "onnx_int8"):

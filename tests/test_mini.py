@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from conftest import MINI, run_module
 from data_prep.mini import label_key, read_rows
