@@ -25,7 +25,11 @@ import numpy as np
 import torch
 
 
-from shared import artifacts as art
+from shared.formats.compiled import COMPILED_METHODS
+from shared.formats.sparse import nonzero_parameters
+from shared.hardware import host_cpu
+from shared.runs import load_run
+from shared.variants import load_variant
 from shared.cache import CacheError, open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, read_json, write_json_atomic
@@ -76,7 +80,7 @@ def open_run(run: Path) -> tuple[torch.nn.Module, dict, dict]:
     if not (run / "metrics.json").exists():
         what = "unfinished training run" if run.is_dir() else "no such training run"
         raise FileNotFoundError(f"{run}: {what} (no metrics.json); train it first (make train-<model>)")
-    fp32, cfg = art.load_run(run)
+    fp32, cfg = load_run(run)
     return fp32, cfg, read_json(run / "metrics.json")
 
 
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     md = table(run.name, rows, isa)
     print(md)
     write_json_atomic(root / f"benchmark{'-' + isa.lower() if isa else ''}.json",
-                      {"run": run.name, "isa_cap": isa, "cpu": art.host_cpu(), "rows": rows, "markdown": md})
+                      {"run": run.name, "isa_cap": isa, "cpu": host_cpu(), "rows": rows, "markdown": md})
     if args.isa and not isa:
         env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa.upper(), "DNNL_MAX_CPU_ISA": args.isa.upper()}
         cmd = [sys.executable, "-m", "compression.benchmark", "--run", str(run), "--compressed", str(root)]
@@ -118,7 +122,7 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
     vdir = root / variant
     if variant in ("fp32", "bf16"):
         model, size = fp32, (run / "best.safetensors").stat().st_size
-        total, nonzero = art.nonzero_parameters(fp32.state_dict())
+        total, nonzero = nonzero_parameters(fp32.state_dict())
         val, test = bf16_aucs(fp32, cache, adapter) if variant == "bf16" else \
             (run_metrics["val"]["macro_auc"], run_metrics["test"]["macro_auc"])
     else:
@@ -127,16 +131,16 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
                 variant.split("_")[0], "quantize-<model>, prune-<model> or prune-structured-<model>")
             print(f"skip {variant}: {vdir} has no finished variant (make {make})")
             return None
-        model, _, info = art.load_variant(vdir, compiled=variant in art.COMPILED_METHODS)
+        model, _, info = load_variant(vdir, compiled=variant in COMPILED_METHODS)
         m = read_json(vdir / "metrics.json")
         size, val = m["artifact_bytes"], m["val"]["macro_auc"]
         test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant)
         total, nonzero = (info.get("params"), info.get("nonzero_params")) if variant == "prune" else \
-            art.nonzero_parameters(model.state_dict() if variant == "structured" else fp32.state_dict())
+            nonzero_parameters(model.state_dict() if variant == "structured" else fp32.state_dict())
     network = model if variant in ("fp32", "prune", "structured") else fp32
     row = {"variant": variant, "bytes": size, "params": total, "nonzero": nonzero, "val_auc": val, "test_auc": test,
            "macs": macs_per_window(network if variant != "structured_openvino_int8" else
-                                   art.load_variant(root / "structured")[0], inputs)}
+                                   load_variant(root / "structured")[0], inputs)}
     for threads in THREADS:
         torch.set_num_threads(threads)
         for b in BATCHES:
@@ -157,7 +161,7 @@ def bf16_aucs(fp32, cache, adapter) -> tuple[float, float]:
 def table(run_name: str, rows: list[dict], isa: str | None) -> str:
     base = rows[0]
     by = {r["variant"]: r for r in rows}
-    lines = [f"### {run_name} on {art.host_cpu()}" + (f", oneDNN capped at {isa}" if isa else ""), "",
+    lines = [f"### {run_name} on {host_cpu()}" + (f", oneDNN capped at {isa}" if isa else ""), "",
              "| variant | size MB | × smaller | non-zeros | MMACs/window | val AUC | Δ val | test AUC | "
              + " | ".join(f"b{b}/{t}t w/s" for t in THREADS for b in BATCHES)
              + " | b32/1t × fp32 | b1/1t × fp32 | b32/1t × same-runtime fp32 | GMAC/s b32/1t | MAC-predicted × |",

@@ -34,7 +34,8 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 
-from shared import artifacts as art
+from shared.runs import checkpoint_sha256, find_run, load_run, training_run
+from shared.variants import finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic
@@ -107,7 +108,7 @@ def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path, dynam
 
     import onnx
 
-    from shared.onnx_model import OnnxModel
+    from shared.formats.onnx_model import OnnxModel
 
     model = model.eval()
     with torch.no_grad():
@@ -271,16 +272,16 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     root = (out_root or compressed_dir()) / run_dir.name
     results, failures = {}, []
     todo = []
-    source_sha256 = art.checkpoint_sha256(run_dir)
+    source_sha256 = checkpoint_sha256(run_dir)
     for variant in variants:
-        done = art.finished_variant(root / variant, run_dir, source_sha256, force)
+        done = finished_variant(root / variant, run_dir, source_sha256, force)
         if done is not None:
             results[variant] = done
         else:
             todo.append(variant)
     if not todo:
         return results
-    torch_model, cfg = art.load_run(run_dir)
+    torch_model, cfg = load_run(run_dir)
     cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
     adapter = InputAdapter(cfg, cache.sampling_rate)
     if batches is None:
@@ -305,7 +306,7 @@ class ExportFailed(RuntimeError):
 
 def _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, adapter, compare, root, batches,
                     activation_type, dynamo, mode) -> dict:
-    from shared.onnx_model import OnnxModel
+    from shared.formats.onnx_model import OnnxModel
 
     out = root / variant
     fp32_onnx = root / "onnx_fp32" / "model.onnx"
@@ -415,9 +416,9 @@ def main(argv=None) -> int:
         if args.best:
             run = best_run(args.profile)
         elif args.model:
-            run = art.find_run(args.model, args.profile, args.representation, args.kd)
+            run = find_run(args.model, args.profile, args.representation, args.kd)
         else:
-            run = art.training_run(args.run)
+            run = training_run(args.run)
         export(run, variants, args.data, args.out, args.force, args.calibration_batches, args.activation_type,
                dynamo=not args.no_dynamo, mode=args.int8)
     except (FileNotFoundError, ValueError) as e:

@@ -10,7 +10,7 @@ Variants (each in artifacts/compressed/<run>/<variant>/ with model.xml + model.b
                  nncf.quantize_with_accuracy_control reverts the most harmful layers to fp32 until the loss is
                  within the budget (on validation only) — both figures go into metrics.json.
 Scored on the validation fold only (eval-all reads test once). A finished variant of the run's present
-checkpoint is skipped unless --force. Loading an IR runs no Python code (shared/openvino_model.py).
+checkpoint is skipped unless --force. Loading an IR runs no Python code (shared/formats/openvino_model.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared import artifacts as art
+from shared.runs import checkpoint_sha256, find_run, load_run, training_run
+from shared.variants import artifact_bytes, finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
@@ -65,7 +66,7 @@ def convert_fp32(model: torch.nn.Module, compare: torch.Tensor, out: Path) -> di
         ir = ov.convert_model(model.eval(), example_input=compare[:2], input=[ov.PartialShape(shape)])
         reference = model(compare).numpy()
     ov.save_model(ir, str(out / "model.xml"), compress_to_fp16=False)
-    from shared.openvino_model import OpenVinoModel
+    from shared.formats.openvino_model import OpenVinoModel
 
     diff = float(np.abs(OpenVinoModel(out / "model.xml")(compare).numpy() - reference).max())
     if diff > EXPORT_TOLERANCE:
@@ -127,12 +128,12 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
            force: bool = False, batches: int | None = None) -> dict:
     run_dir = Path(run_dir)
     root = (out_root or compressed_dir()) / run_dir.name
-    source_sha256 = art.checkpoint_sha256(run_dir)
-    results = {v: art.finished_variant(root / v, run_dir, source_sha256, force) for v in variants}
+    source_sha256 = checkpoint_sha256(run_dir)
+    results = {v: finished_variant(root / v, run_dir, source_sha256, force) for v in variants}
     todo = [v for v, done in results.items() if done is None]
     if not todo:
         return results
-    model, cfg = art.load_run(run_dir)
+    model, cfg = load_run(run_dir)
     cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
     adapter = InputAdapter(cfg, cache.sampling_rate)
     if batches is None:
@@ -151,7 +152,7 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
 
 
 def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter, root, batches) -> dict:
-    from shared.openvino_model import OpenVinoModel
+    from shared.formats.openvino_model import OpenVinoModel
 
     out = root / variant
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter,
     metrics = validation_scores(ov_model, cache, adapter, chunk=EVAL_CHUNK)
     with torch.no_grad():
         diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
-    metrics.update(method=variant, run=run_dir.name, artifact_bytes=art.artifact_bytes(out / "model.xml"),
+    metrics.update(method=variant, run=run_dir.name, artifact_bytes=artifact_bytes(out / "model.xml"),
                    fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
     check_against_parent(metrics, run_dir, f"{run_dir.name}/{variant}")
     write_json_atomic(out / "metrics.json", metrics)
@@ -215,9 +216,9 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.model:
-            run = art.find_run(args.model, args.profile, args.representation, args.kd)
+            run = find_run(args.model, args.profile, args.representation, args.kd)
         else:
-            run = art.training_run(args.run)
+            run = training_run(args.run)
         export(run, variants, args.data, args.out, args.force, args.calibration_batches)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)

@@ -65,7 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-from shared import artifacts as art
+from shared.runs import channels_last_if_configured, checkpoint_sha256, find_run, load_run, training_run
+from shared.variants import artifact_bytes, finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
@@ -450,7 +451,7 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
               finetune_batches: int | None = None, lr_factor: float = FINETUNE_LR_FACTOR, then_int8: bool = False,
               calibration_batches: int | None = None, speed_rounds: int | None = None, seed: int | None = None) -> dict:
     run_dir = Path(run_dir)
-    parent, cfg = art.load_run(run_dir)
+    parent, cfg = load_run(run_dir)
     run_cfg = cfg
     if seed is not None:  # the fine-tune's shuffles and crops (and Taylor's batches); the network is the run's
         cfg = dict(cfg, seed=seed)
@@ -459,11 +460,11 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     quick = cfg.get("profile") == "quick"
     root = (out_root or compressed_dir()) / run_dir.name
     out = root / METHOD
-    source_sha256 = art.checkpoint_sha256(run_dir)
+    source_sha256 = checkpoint_sha256(run_dir)
     opts = dict(target=target, by=by, importance=importance, kd_alpha=kd_alpha, kd_t=kd_t, steps=steps,
                 step_batches=step_batches, finetune_epochs=finetune_epochs, finetune_batches=finetune_batches,
                 lr_factor=lr_factor)
-    done = art.finished_variant(out, run_dir, source_sha256, force)
+    done = finished_variant(out, run_dir, source_sha256, force)
     windows = eval_windows(cache, adapter)
     if done is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -475,9 +476,9 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
                 diff = (reloaded(windows) - model(windows)).abs().max().item()
             if diff > 1e-5:
                 raise ValueError(f"{out / WEIGHTS_FILE}: reloads to different outputs (max |Δ| {diff:.2e})")
-            evaluated = art.channels_last_if_configured(reloaded, cfg)
+            evaluated = channels_last_if_configured(reloaded, cfg)
             metrics = validation_scores(evaluated, cache, adapter)
-            s = speed(evaluated, art.channels_last_if_configured(parent, cfg), windows,
+            s = speed(evaluated, channels_last_if_configured(parent, cfg), windows,
                       speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
         except (ValueError, RuntimeError) as e:
             raise PruningFailed(f"{run_dir.name}/{METHOD}: {type(e).__name__}: {first_line(e)}") from e
@@ -507,7 +508,7 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
                                              calibration_batches or (QUICK_CALIBRATION_BATCHES if quick
                                                                      else CALIBRATION_BATCHES))
     if s is None:
-        s = speed(art.channels_last_if_configured(model, cfg), art.channels_last_if_configured(parent, cfg), windows,
+        s = speed(channels_last_if_configured(model, cfg), channels_last_if_configured(parent, cfg), windows,
                   speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
     print(speed_line(f"{run_dir.name}/{METHOD}", s, done), flush=True)
     return results
@@ -518,11 +519,11 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
     """OpenVINO NNCF int8 of the pruned network (structured + int8: the deploy candidate), made as
     compression/openvino_export.py makes openvino_int8 from the unpruned one."""
     from compression import openvino_export as ove
-    from shared.openvino_model import OpenVinoModel
+    from shared.formats.openvino_model import OpenVinoModel
 
     out = root / INT8_VARIANT
     structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
-    done = art.finished_variant(out, run_dir, source_sha256, force)
+    done = finished_variant(out, run_dir, source_sha256, force)
     if done is not None:
         if read_json(out / "variant.json").get("structured_sha256") == structured_sha:
             return done
@@ -552,7 +553,7 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
     with torch.no_grad():
         diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
     metrics.update(method="openvino_int8", source=METHOD, run=run_dir.name,
-                   artifact_bytes=art.artifact_bytes(out / "model.xml"),
+                   artifact_bytes=artifact_bytes(out / "model.xml"),
                    fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
     check_against_parent(metrics, run_dir, f"{run_dir.name}/{INT8_VARIANT}")
     write_json_atomic(out / "metrics.json", metrics)
@@ -646,9 +647,9 @@ def main(argv=None) -> int:
         "params", args.target_params if args.target_params is not None else TARGET_PARAMS)
     try:
         if args.model:
-            run = art.find_run(args.model, args.profile, args.representation)
+            run = find_run(args.model, args.profile, args.representation)
         else:
-            run = art.training_run(args.run)
+            run = training_run(args.run)
         prune_run(run, args.data, args.out, args.force, target, by, args.importance, args.kd_alpha, args.kd_t,
                   args.steps, args.step_batches, args.finetune_epochs, args.finetune_batches, args.lr_factor,
                   args.then_int8, args.calibration_batches, args.speed_rounds, args.seed)

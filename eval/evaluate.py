@@ -35,7 +35,10 @@ import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
 
-from shared import artifacts as art
+from shared.formats.compiled import COMPILED_METHODS
+from shared.formats.sparse import load_sparse, nonzero_parameters
+from shared.hardware import host_cpu, native_bf16
+from shared.variants import artifact_bytes, load_variant
 from shared import metrics as M
 from shared.io import (first_line, library_versions, read_json, write_bytes_atomic, write_json_atomic,
                        write_text_atomic)
@@ -54,7 +57,7 @@ WARMUP = 5
 THREADS = (1, 2)
 THROUGHPUT_BATCH = 32
 MIN_RECORDS_FOR_CI = 20
-COMPILED = art.COMPILED_METHODS
+COMPILED = COMPILED_METHODS
 
 warnings.filterwarnings("ignore")
 
@@ -92,7 +95,7 @@ def discover(root: Path | None = None, bf16: bool = True) -> list[dict]:
 
 def bf16_wanted(mode: str) -> tuple[bool, str | None]:
     """(score the bf16 twins?, why not — for the log and the report)."""
-    if mode == "yes" or (mode == "auto" and art.native_bf16() is not False):
+    if mode == "yes" or (mode == "auto" and native_bf16() is not False):
         return True, None
     if mode == "no":
         return False, "not scored (--bf16 no)"
@@ -113,7 +116,7 @@ def is_fresh(item: dict) -> bool:
 
 
 def load_artifact(path: Path, variant: str):
-    model, cfg, info = art.load_variant(path, compiled=variant in COMPILED)
+    model, cfg, info = load_variant(path, compiled=variant in COMPILED)
     if variant == "bf16":
         model = Bf16Autocast(model).eval()
         info = {**info, "method": "bf16"}
@@ -164,7 +167,7 @@ def efficiency(model, example: torch.Tensor, latency_runs: int = LATENCY_RUNS) -
 def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the network an artifact holds (int8 variants: of its fp32 parent)."""
     if variant == "prune":
-        sd = art.load_sparse(path / read_json(path / "variant.json")["artifact"])
+        sd = load_sparse(path / read_json(path / "variant.json")["artifact"])
     elif variant.startswith("structured"):  # the narrower network (its int8 IR too)
         from shared.io import load_weights
 
@@ -174,7 +177,7 @@ def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
         from shared.io import load_weights
 
         sd = load_weights(run / "best.safetensors")
-    return art.nonzero_parameters(sd)
+    return nonzero_parameters(sd)
 
 
 # ------------------------------------------------------------------ one artifact on the cache
@@ -198,7 +201,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
         "artifact": item["id"], "run": item["run"], "variant": variant, "method": info.get("method", variant),
         "model": cfg["model"], "representation": cfg["representation"], "profile": cfg.get("profile"),
         "config": cfg.get("config", "default"), "path": str(path), "file": str(item["file"]),
-        "bytes": art.artifact_bytes(item["file"]), "classes": classes,
+        "bytes": artifact_bytes(item["file"]), "classes": classes,
         "thresholds": dict(zip(classes, map(float, thresholds))), "threshold_source": "validation fold, best F1 per class",
         "splits": {s: split_metrics(preds[s][1], preds[s][0], thresholds, classes, s in CI_SPLITS, n_boot, seed)
                    for s in preds},
@@ -212,7 +215,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
         if paused is not None:
             result["efficiency"]["other_evaluations_paused"] = paused
         result["efficiency"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["efficiency"]["cpu"] = art.host_cpu()
+        result["efficiency"]["cpu"] = host_cpu()
     result.update(seconds=round(time.time() - t0, 1), versions=library_versions(),
                   evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     out = result_dir(item["id"])

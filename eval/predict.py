@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 
-from shared import artifacts as art
+from shared.variants import load_variant
 from shared.inference import InputError, load_signal, normalization, normalize
 from shared.io import first_line
 from shared.labels import CLASSES
@@ -45,7 +45,7 @@ class Predictor:
         if not artifact.exists():
             raise InputError(f"{artifact}: no such model artifact")
         try:
-            self.model, self.cfg, self.info = art.load_variant(artifact, compiled=compiled)
+            self.model, self.cfg, self.info = load_variant(artifact, compiled=compiled)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(f"{artifact}: not a loadable model artifact ({first_line(e)})") from None
         self.fs = int(self.cfg.get("sampling_rate", 100))

@@ -104,7 +104,7 @@ class Teacher(nn.Module):
 def load_teacher(runs: list[dict], sampling_rate: int, device: torch.device | str = "cpu") -> Teacher:
     """The Teacher of config.json's `teacher_runs` ([{run, sha256}]); a checkpoint that changed since it was
     recorded is refused (TeacherChanged)."""
-    from shared.artifacts import checkpoint_sha256, load_run
+    from shared.runs import checkpoint_sha256, load_run
     from shared.training import InputAdapter
 
     models, represent = [], []

@@ -101,15 +101,15 @@ def resize(model: nn.Module, shapes: dict, source: str = SHAPES_FILE) -> nn.Modu
 
 
 def rebuild(cfg: dict, shapes: dict, source: str = SHAPES_FILE) -> nn.Module:
-    """The run's architecture (art.build_from_config) with the layers in `shapes` resized; weights uninitialised."""
-    from shared.artifacts import build_from_config
+    """The run's architecture (build_from_config) with the layers in `shapes` resized; weights uninitialised."""
+    from shared.runs import build_from_config
 
     return resize(build_from_config(cfg, cfg.get("sampling_rate", 100)), shapes, source)
 
 
 def save_structured(directory: str | Path, model: nn.Module, cfg: dict) -> dict:
     """Write structured.safetensors + shapes.json (each atomically); returns what was written."""
-    from shared.artifacts import build_from_config
+    from shared.runs import build_from_config
 
     directory = Path(directory)
     reference = build_from_config(cfg, cfg.get("sampling_rate", 100))

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from conftest import REPO, run_module
-from shared import artifacts as art
+from shared.formats.compiled import COMPILED_FILE, COMPILED_STAMP, compiled_is_current, load_compiled
+from shared.formats.dynamic_int8 import load_dynamic, quantize_dynamic, save_dynamic
+from shared.formats.exported import inference_ready, save_exported
+from shared.hardware import host_cpu, native_bf16
+from shared.runs import build_from_config, checkpoint_sha256, load_run
+from shared.variants import load_variant, variant_is_current
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.training import InputAdapter
@@ -30,10 +35,10 @@ def _batch(sample_cache, cfg, n=16):
 
 
 def forward_in_fresh_process(load_expression: str, x: torch.Tensor, tmp_path) -> np.ndarray:
-    """The output for x of `load_expression` (shared.artifacts names and Path in scope) in a new interpreter."""
+    """The output for x of `load_expression` (load_compiled, load_exported and Path in scope) in a new interpreter."""
     np.save(tmp_path / "x.npy", x.numpy())
     code = (f"import sys, numpy as np, torch; from pathlib import Path;"
-            f"from shared.artifacts import load_compiled, load_exported; m = {load_expression};"
+            f"from shared.formats.compiled import load_compiled; from shared.formats.exported import load_exported; m = {load_expression};"
             f"np.save({str(tmp_path / 'y.npy')!r}, m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy())")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -46,7 +51,7 @@ def test_prune_cli_sparsity_and_reload_keeps_zeros(quick_run, sample_cache, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads((tmp_path / quick_run.name / "prune" / "variant.json").read_text())
     assert info["sparsity_in_pruned_layers"] == pytest.approx(0.4, abs=1e-3)
-    model, cfg, _ = art.load_variant(tmp_path / quick_run.name / "prune")
+    model, cfg, _ = load_variant(tmp_path / quick_run.name / "prune")
     from torch import nn
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     zeros = sum(int((m.weight == 0).sum()) for m in layers)
@@ -63,11 +68,11 @@ def test_prune_cli_sparsity_and_reload_keeps_zeros(quick_run, sample_cache, tmp_
 
 
 def test_dynamic_artifact_matches_in_memory_and_fp32(quick_run, sample_cache, tmp_path):
-    fp32, cfg = art.load_run(quick_run)
+    fp32, cfg = load_run(quick_run)
     _, _, x = _batch(sample_cache, cfg)
-    q = art.quantize_dynamic(art.load_run(quick_run)[0])
-    art.save_dynamic(tmp_path / "int8.safetensors", q)
-    loaded = art.load_dynamic(tmp_path / "int8.safetensors", art.build_from_config(cfg))
+    q = quantize_dynamic(load_run(quick_run)[0])
+    save_dynamic(tmp_path / "int8.safetensors", q)
+    loaded = load_dynamic(tmp_path / "int8.safetensors", build_from_config(cfg))
     with torch.no_grad():
         a, b, ref = q(x), loaded(x), fp32(x)
     torch.testing.assert_close(a, b)
@@ -79,15 +84,15 @@ def test_dynamic_artifact_matches_in_memory_and_fp32(quick_run, sample_cache, tm
 def test_int8_pt2_loads_in_fresh_process_and_matches(method, quick_run, sample_cache, tmp_path):
     from compression.compress import do_qat, do_static
 
-    model, cfg = art.load_run(quick_run)
+    model, cfg = load_run(quick_run)
     cache, adapter, x = _batch(sample_cache, cfg)
     out = tmp_path / method
     out.mkdir()
     info, converted = (do_static if method == "static" else do_qat)(model, cfg, cache, adapter, out, quick=True)
-    art.inference_ready(converted)
+    inference_ready(converted)
     with torch.no_grad():
         in_memory = converted(x)
-        fp32 = art.load_run(quick_run)[0](x)
+        fp32 = load_run(quick_run)[0](x)
     assert (torch.sigmoid(in_memory) - torch.sigmoid(fp32)).abs().max() < (0.05 if method == "static" else 0.2)
     fresh = forward_in_fresh_process(f"load_exported(Path({str(out / 'model.pt2')!r}))", x, tmp_path)
     np.testing.assert_allclose(fresh, in_memory.numpy(), atol=1e-5)
@@ -111,27 +116,27 @@ def test_compiled_int8_package_matches_the_program_and_goes_stale_with_it(tmp_pa
     with torch.no_grad():
         prepared(x)
     converted = convert_pt2e(prepared)
-    art.save_exported(tmp_path / "model.pt2", converted, x)
-    assert not art.compiled_is_current(tmp_path)
-    compiled = art.load_compiled(tmp_path)
-    assert art.compiled_is_current(tmp_path)
+    save_exported(tmp_path / "model.pt2", converted, x)
+    assert not compiled_is_current(tmp_path)
+    compiled = load_compiled(tmp_path)
+    assert compiled_is_current(tmp_path)
     with torch.no_grad():
-        reference = art.inference_ready(converted)(x)
+        reference = inference_ready(converted)(x)
         for n in (1, len(x)):
             torch.testing.assert_close(compiled(x[:n]), reference[:n], atol=0.05, rtol=0.05)
         assert (reference - net(x)).abs().max() < 0.2  # and the int8 program is still the network
-    built = (tmp_path / art.COMPILED_FILE).stat().st_mtime_ns
-    art.load_compiled(tmp_path)
-    assert (tmp_path / art.COMPILED_FILE).stat().st_mtime_ns == built  # reused, not rebuilt
+    built = (tmp_path / COMPILED_FILE).stat().st_mtime_ns
+    load_compiled(tmp_path)
+    assert (tmp_path / COMPILED_FILE).stat().st_mtime_ns == built  # reused, not rebuilt
     # damaged under an intact stamp: rebuilt. In a fresh process, as eval-all meets it: one process that already
     # loaded a package from this path got stale kernels when it reloaded the rebuilt one (torch 2.14).
-    (tmp_path / art.COMPILED_FILE).write_bytes(b"not a package")
+    (tmp_path / COMPILED_FILE).write_bytes(b"not a package")
     fresh = forward_in_fresh_process(f"load_compiled(Path({str(tmp_path)!r}))", x, tmp_path)
     torch.testing.assert_close(torch.from_numpy(fresh), reference, atol=0.05, rtol=0.05)
-    stamp = json.loads((tmp_path / art.COMPILED_STAMP).read_text())
+    stamp = json.loads((tmp_path / COMPILED_STAMP).read_text())
     for key, other in (("source_sha256", "0" * 64), ("torch", "0.0"), ("cpu", "another CPU")):
-        (tmp_path / art.COMPILED_STAMP).write_text(json.dumps({**stamp, key: other}))
-        assert not art.compiled_is_current(tmp_path), key
+        (tmp_path / COMPILED_STAMP).write_text(json.dumps({**stamp, key: other}))
+        assert not compiled_is_current(tmp_path), key
 
 
 def test_host_cpu_names_the_instruction_sets_that_decide_int8_and_bf16_speed_and_native_bf16(tmp_path):
@@ -139,12 +144,12 @@ def test_host_cpu_names_the_instruction_sets_that_decide_int8_and_bf16_speed_and
     intel, amd = tmp_path / "intel", tmp_path / "amd"
     intel.write_text("model name\t: Xeon X\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n")
     amd.write_text("model name\t: EPYC Y\nflags\t\t: fpu avx2\n")
-    a, b = art.host_cpu(intel), art.host_cpu(amd)
+    a, b = host_cpu(intel), host_cpu(amd)
     assert a.startswith("Xeon X (") and "; AVX2, AVX-512, VNNI, bf16, AMX-int8; flags " in a
     assert b.startswith("EPYC Y (") and "; AVX2; flags " in b
     assert a.rsplit(" ", 1)[1] != b.rsplit(" ", 1)[1]
-    assert art.native_bf16(intel) is True and art.native_bf16(amd) is False
-    assert art.native_bf16(tmp_path / "no-cpuinfo") is None  # unknown: eval-all scores bf16 rather than guess
+    assert native_bf16(intel) is True and native_bf16(amd) is False
+    assert native_bf16(tmp_path / "no-cpuinfo") is None  # unknown: eval-all scores bf16 rather than guess
 
 
 def test_a_package_that_cannot_be_built_is_one_line_naming_the_program_and_leaves_nothing(tmp_path, monkeypatch):
@@ -153,14 +158,14 @@ def test_a_package_that_cannot_be_built_is_one_line_naming_the_program_and_leave
     net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
     x = torch.randn(3, 4)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    art.save_exported(tmp_path / "model.pt2", torch.export.export(net, (x,), dynamic_shapes=({0: batch},)).module(), x)
+    save_exported(tmp_path / "model.pt2", torch.export.export(net, (x,), dynamic_shapes=({0: batch},)).module(), x)
 
     def fails(*args, **kwargs):
         raise RuntimeError("Attempting to broadcast a dimension of length 68\nmore detail")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
     with pytest.raises(ValueError) as err:
-        art.load_compiled(tmp_path)
+        load_compiled(tmp_path)
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "model.pt2") in message and "broadcast a dimension" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
@@ -179,15 +184,15 @@ def test_a_variant_of_an_older_checkpoint_is_not_current(tmp_path):
     run, variant = tmp_path / "run", tmp_path / "variant"
     run.mkdir(), variant.mkdir()
     (run / "best.safetensors").write_bytes(b"weights v1")
-    assert not art.variant_is_current(variant, run, art.checkpoint_sha256(run))  # nothing made yet
-    (variant / "variant.json").write_text(json.dumps({"source_sha256": art.checkpoint_sha256(run)}))
+    assert not variant_is_current(variant, run, checkpoint_sha256(run))  # nothing made yet
+    (variant / "variant.json").write_text(json.dumps({"source_sha256": checkpoint_sha256(run)}))
     (variant / "metrics.json").write_text("{}")
-    assert art.variant_is_current(variant, run, art.checkpoint_sha256(run))
+    assert variant_is_current(variant, run, checkpoint_sha256(run))
     (run / "best.safetensors").write_bytes(b"weights v2")  # the run was retrained
-    assert not art.variant_is_current(variant, run, art.checkpoint_sha256(run))
+    assert not variant_is_current(variant, run, checkpoint_sha256(run))
     # a variant from before the sha256 was recorded: current only if newer than the checkpoint
     (variant / "variant.json").write_text("{}")
     os.utime(run / "best.safetensors", (1e9, 1e9))
-    assert art.variant_is_current(variant, run, art.checkpoint_sha256(run))
+    assert variant_is_current(variant, run, checkpoint_sha256(run))
     os.utime(run / "best.safetensors", (4e9, 4e9))
-    assert not art.variant_is_current(variant, run, art.checkpoint_sha256(run))
+    assert not variant_is_current(variant, run, checkpoint_sha256(run))

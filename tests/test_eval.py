@@ -315,7 +315,7 @@ def test_bf16_twins_are_scored_only_where_the_cpu_computes_bf16(tmp_path, monkey
     assert [i["variant"] for i in E.discover(tmp_path, bf16=False)] == ["fp32"]
     for native, mode, want in ((False, "auto", False), (True, "auto", True), (None, "auto", True),
                                (False, "yes", True), (True, "no", False)):
-        monkeypatch.setattr(E.art, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(E, "native_bf16", lambda native=native: native)
         wanted, why = E.bf16_wanted(mode)
         assert wanted == want and (why is None) == want, (native, mode)
         if native is False and mode == "auto":

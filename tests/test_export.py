@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_module
-from shared import artifacts as art
+from shared.runs import load_run
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
-from shared.onnx_model import OnnxModel
+from shared.formats.onnx_model import OnnxModel
 from shared.training import InputAdapter
 
 def _export(run, sample_cache, base):
@@ -47,7 +47,7 @@ def _inputs(sample_cache, cfg, n=16):
 
 def test_fp32_onnx_matches_pytorch_on_real_batches(exported, sample_cache):
     run, root, _ = exported
-    model, cfg = art.load_run(run)
+    model, cfg = load_run(run)
     x = _inputs(sample_cache, cfg)
     onnx_fp32 = OnnxModel(root / "onnx_fp32" / "model.onnx")
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_fp32_onnx_matches_pytorch_on_real_batches(exported, sample_cache):
 
 def test_int8_onnx_is_close_to_fp32_and_smaller(exported, sample_cache):
     run, root, _ = exported
-    _, cfg = art.load_run(run)
+    _, cfg = load_run(run)
     x = _inputs(sample_cache, cfg)
     p32 = torch.sigmoid(OnnxModel(root / "onnx_fp32" / "model.onnx")(x))
     p8 = torch.sigmoid(OnnxModel(root / "onnx_int8" / "model.onnx")(x))
@@ -97,7 +97,7 @@ def test_static_qdq_forced_on_transformer(exported_vit, sample_cache, tmp_path):
     from compression.export_onnx import quantize_int8
 
     run, root, _ = exported_vit
-    _, cfg = art.load_run(run)
+    _, cfg = load_run(run)
     cache = open_cache(sample_cache)
     adapter = InputAdapter(cfg, cache.sampling_rate)
     info = quantize_int8(root / "onnx_fp32" / "model.onnx", tmp_path / "qdq.onnx", cache, adapter, cfg, 1,
@@ -111,11 +111,11 @@ def test_static_qdq_forced_on_transformer(exported_vit, sample_cache, tmp_path):
 
 def test_variants_load_in_fresh_process_and_match(exported, sample_cache, tmp_path):
     run, root, _ = exported
-    _, cfg = art.load_run(run)
+    _, cfg = load_run(run)
     x = _inputs(sample_cache, cfg, n=4)
     np.save(tmp_path / "x.npy", x.numpy())
     code = (f"import sys, numpy as np, torch;"
-            f"from shared.artifacts import load_variant;"
+            f"from shared.variants import load_variant;"
             f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}));"
             f"outs = {{}};\n"
             f"for v in ('onnx_fp32', 'onnx_int8'):\n"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import run_module
-from shared import artifacts as art
+from shared.runs import load_run
+from shared.variants import load_variant
 from shared.cache import open_cache
 from shared.results import check_against_parent, collapse_warning, deploy_choice
 from shared.training import InputAdapter
@@ -38,8 +39,8 @@ def _windows(run, sample_cache, n=8):
 
 def test_fp32_ir_matches_pytorch_within_1e_4(exported, sample_cache):
     run, root, _ = exported
-    model, _ = art.load_run(run)
-    ir, _, info = art.load_variant(root / "openvino_fp32")
+    model, _ = load_run(run)
+    ir, _, info = load_variant(root / "openvino_fp32")
     x = _windows(run, sample_cache)
     with torch.no_grad():
         assert (ir(x) - model(x)).abs().max().item() < 1e-4
@@ -63,8 +64,8 @@ def test_ir_holds_no_pickle_and_loads_in_a_fresh_process(exported, sample_cache,
         xml = (root / variant / "model.xml").read_bytes()
         assert xml.lstrip().startswith(b"<?xml") and b"\x80\x04" not in (root / variant / "model.bin").read_bytes()[:2]
     np.save(tmp_path / "x.npy", _windows(run, sample_cache, 2).numpy())
-    code = ("import sys, numpy as np, torch; from shared import artifacts as a; "
-            f"m, _, _ = a.load_variant({str(root / 'openvino_int8')!r}); "
+    code = ("import sys, numpy as np, torch; from shared.variants import load_variant; "
+            f"m, _, _ = load_variant({str(root / 'openvino_int8')!r}); "
             f"print(m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).shape)")
     import subprocess, sys
     from conftest import REPO

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_module
-from shared import artifacts as art
+from shared.formats.dynamic_int8 import quantize_dynamic
+from shared.runs import build_from_config, checkpoint_sha256, load_run
+from shared.variants import load_variant
 from shared.representations import input_shape
 
 TARGET = 0.4
@@ -103,7 +105,7 @@ def test_every_family_prunes_to_target_and_rebuilds(family, tmp_path):
     rep, extra = FAMILIES[family]
     cfg = {"model": family, "representation": rep, "crop_seconds": 1.0, "sampling_rate": 100, **extra}
     torch.manual_seed(0)
-    model = art.build_from_config(cfg).eval()
+    model = build_from_config(cfg).eval()
     x = torch.randn(3, 12, 100) if rep == "signal" else torch.randn(3, *input_shape(rep, 12, 100, 8))
     before = sum(p.numel() for p in model.parameters())
     info = prune_to_target(model, x[:1], TARGET, "params", steps=1, importance="magnitude", log=lambda s: None)
@@ -117,7 +119,7 @@ def test_every_family_prunes_to_target_and_rebuilds(family, tmp_path):
         out = model(x)
         assert out.shape == (3, 5)
         assert torch.equal(rebuilt(x), out)
-    qmodel = art.quantize_dynamic(rebuilt)  # the pruned network still takes int8 like any fp32 one
+    qmodel = quantize_dynamic(rebuilt)  # the pruned network still takes int8 like any fp32 one
     with torch.no_grad():
         assert qmodel(x).shape == (3, 5)
 
@@ -138,7 +140,7 @@ def test_shapes_json_must_fit_the_architecture(tmp_path):
     from shared.structured import load_structured, save_structured
 
     cfg = {"model": "resnet1d_wang", "representation": "signal", "crop_seconds": 1.0, "sampling_rate": 100}
-    model = art.build_from_config(cfg).eval()
+    model = build_from_config(cfg).eval()
     prune_to_target(model, torch.randn(1, 12, 100), TARGET, steps=1, importance="magnitude", log=lambda s: None)
     save_structured(tmp_path, model, cfg)
     shapes = json.loads((tmp_path / "shapes.json").read_text())
@@ -165,9 +167,9 @@ def test_targets_are_met_and_recorded(pruned_vit, pruned_resnet, sample_cache):
         assert metrics[f"{by}_reduction"] >= TARGET - TOLERANCE
         assert info["params"] < info["params_parent"] and info["macs"] < info["macs_parent"]
         assert metrics["val"]["records"] > 0 and "val_auc_change_vs_fp32" in metrics
-        assert info["source_sha256"] == art.checkpoint_sha256(run)
+        assert info["source_sha256"] == checkpoint_sha256(run)
         assert "speed (1 thread): batch 32" in r.stdout
-        model, _, _ = art.load_variant(root / "structured")
+        model, _, _ = load_variant(root / "structured")
         with torch.no_grad():
             assert model(_windows(run, sample_cache)).shape[1] == 5
     info = json.loads((pruned_resnet[1] / "structured" / "variant.json").read_text())
@@ -190,14 +192,14 @@ def test_reloads_in_a_fresh_process_to_identical_outputs(pruned_vit, sample_cach
     run, root, _ = pruned_vit
     x = _windows(run, sample_cache)
     np.save(tmp_path / "x.npy", x.numpy())
-    code = ("import numpy as np, torch; from shared import artifacts as a; "
-            f"m, _, info = a.load_variant({str(root / 'structured')!r}); "
+    code = ("import numpy as np, torch; from shared.variants import load_variant; "
+            f"m, _, info = load_variant({str(root / 'structured')!r}); "
             f"out = m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).detach().numpy(); "
             f"np.save({str(tmp_path / 'y.npy')!r}, out); print(info['method'])")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "structured" in r.stdout, r.stderr[-1000:]
-    model, _, _ = art.load_variant(root / "structured")
-    parent, _ = art.load_run(run)
+    model, _, _ = load_variant(root / "structured")
+    parent, _ = load_run(run)
     with torch.no_grad():
         here = model(x).numpy()
         assert np.array_equal(np.load(tmp_path / "y.npy"), here)
@@ -209,7 +211,7 @@ def test_pruned_network_converts_to_openvino_within_1e_4(pruned_resnet, sample_c
     import openvino as ov
 
     run, root, _ = pruned_resnet
-    model, _, _ = art.load_variant(root / "structured")
+    model, _, _ = load_variant(root / "structured")
     x = _windows(run, sample_cache, 8)
     with torch.no_grad():
         ir = ov.convert_model(model, example_input=x[:2], input=[ov.PartialShape([-1, *x.shape[1:]])])
@@ -227,7 +229,7 @@ def test_then_int8_writes_an_openvino_int8_variant_of_the_pruned_network(pruned_
     assert info["fp32_ir_max_abs_logit_diff_vs_torch"] < 1e-4 and info["calibration_split"] == "train"
     structured = root / "structured"
     assert metrics["artifact_bytes"] < 0.5 * (structured / "structured.safetensors").stat().st_size
-    model, _, loaded = art.load_variant(folder)
+    model, _, loaded = load_variant(folder)
     assert loaded["source"] == "structured"
     assert model(_windows(run, sample_cache)).shape[1] == 5
 

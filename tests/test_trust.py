@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from conftest import REPO, run_module
-from shared import artifacts as art
+from shared.formats import compiled
+from shared.formats.compiled import (COMPILED_FILE, COMPILED_STAMP, compiled_is_current, compiled_stamp, load_compiled,
+                                     stamp_context)
+from shared.formats.exported import load_program
+from shared.io import sha256_file
 from shared import trust
 from shared.safe_pt2 import UnsafeArchive, check_archive
 from shared.thresholds import read_thresholds, write_thresholds
@@ -131,7 +135,7 @@ def program() -> bytes:
 def test_a_plain_exported_program_passes_the_check(program, tmp_path):
     (tmp_path / "model.pt2").write_bytes(program)
     check_archive(tmp_path / "model.pt2")
-    assert art._load_program(tmp_path / "model.pt2").module()(torch.randn(3, 12, 50)).shape == (3, 5)
+    assert load_program(tmp_path / "model.pt2").module()(torch.randn(3, 12, 50)).shape == (3, 5)
 
 
 def test_the_pickled_weight_payload_really_runs_under_plain_torch_export_load(program, tmp_path):
@@ -150,7 +154,7 @@ def test_crafted_archives_are_refused_and_their_payload_never_runs(kind, program
     path = tmp_path / "model.pt2"
     path.write_bytes(_rewrite(program, CRAFTED[kind](marker)))
     with pytest.raises(UnsafeArchive, match="refused to load") as e:
-        art._load_program(path)
+        load_program(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
 
@@ -176,12 +180,12 @@ def test_predict_refuses_a_crafted_static_variant_in_one_line(program, quick_res
 def _fake_build(variant: Path, calls: list):
     def build(variant_dir, artifact="model.pt2"):
         calls.append("build")
-        (variant_dir / art.COMPILED_FILE).write_bytes(b"package built here")
-        stamp = art._compiled_stamp(variant_dir / artifact)
-        sha = art.sha256_file(variant_dir / art.COMPILED_FILE)
-        (variant_dir / art.COMPILED_STAMP).write_text(json.dumps(
-            {**stamp, "package_sha256": sha, "hmac": trust.sign(sha, art._stamp_context(stamp))}))
-        return variant_dir / art.COMPILED_FILE
+        (variant_dir / COMPILED_FILE).write_bytes(b"package built here")
+        stamp = compiled_stamp(variant_dir / artifact)
+        sha = sha256_file(variant_dir / COMPILED_FILE)
+        (variant_dir / COMPILED_STAMP).write_text(json.dumps(
+            {**stamp, "package_sha256": sha, "hmac": trust.sign(sha, stamp_context(stamp))}))
+        return variant_dir / COMPILED_FILE
     return build
 
 
@@ -192,17 +196,17 @@ def test_a_compiled_package_from_elsewhere_is_rebuilt_not_loaded(program, tmp_pa
     monkeypatch.setenv("PTBXL_KEY_DIR", str(tmp_path / "their-key"))  # the machine that shipped the folder
     calls, loaded = [], []
     _fake_build(variant, calls)(variant)
-    assert art.compiled_is_current(variant)  # its own stamp matches, on its own machine
+    assert compiled_is_current(variant)  # its own stamp matches, on its own machine
     monkeypatch.setenv("PTBXL_KEY_DIR", str(tmp_path / "our-key"))  # here: same stamp fields, another key
-    assert not art.compiled_is_current(variant)
-    monkeypatch.setattr(art, "build_compiled", _fake_build(variant, calls))
+    assert not compiled_is_current(variant)
+    monkeypatch.setattr(compiled, "build_compiled", _fake_build(variant, calls))
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda p: loaded.append(Path(p).read_bytes()))
     calls.clear()
-    art.load_compiled(variant)
+    load_compiled(variant)
     assert calls == ["build"] and loaded == [b"package built here"]
-    assert art.compiled_is_current(variant)  # rebuilt here, so trusted here
-    (variant / art.COMPILED_FILE).write_bytes(b"swapped in later, same stamp")
-    assert not art.compiled_is_current(variant)
+    assert compiled_is_current(variant)  # rebuilt here, so trusted here
+    (variant / COMPILED_FILE).write_bytes(b"swapped in later, same stamp")
+    assert not compiled_is_current(variant)
 
 
 def test_the_key_is_private_to_the_user(tmp_path, monkeypatch):
@@ -231,7 +235,7 @@ def _onnx_file(path: Path, domain: str = "", external: bool = False) -> Path:
 
 
 def test_onnx_models_with_external_data_or_custom_operators_are_refused(tmp_path):
-    from shared.onnx_model import OnnxModel
+    from shared.formats.onnx_model import OnnxModel
 
     ok = OnnxModel(_onnx_file(tmp_path / "ok.onnx"), threads=1)
     assert ok(torch.zeros(2)).tolist() == [1.0, 2.0]

@@ -1,0 +1,61 @@
+"""Training runs on disk: find the run a make target wrote, rebuild its network from config.json and load its
+weights (safetensors, never pickle), and name the checkpoint a compressed variant is made from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from shared.io import load_weights, read_json, sha256_file
+from shared.nets import architecture_kwargs, build_model
+from shared.paths import runs_dir
+
+
+def build_from_config(cfg: dict, sampling_rate: int = 100) -> nn.Module:
+    n_samples = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
+    return build_model(cfg["model"], cfg["representation"], n_samples, **architecture_kwargs(cfg))
+
+
+def find_run(model: str, profile: str, representation: str | None = None, distilled: bool = False) -> Path:
+    """The training run `make train-<model>` writes for this profile (and the config's default representation);
+    `distilled`: the one `make train-<model> TEACHER=…` writes (<run>-kd)."""
+    from shared import config as config_mod
+
+    rep = representation or config_mod.resolve(model, profile)["representation"]
+    run = runs_dir() / f"{model}-{rep}-{profile}{'-kd' if distilled else ''}"
+    if not (run / "best.safetensors").exists():
+        teacher = " TEACHER=<teacher>" if distilled else ""
+        raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}{teacher}` first")
+    return run
+
+
+def training_run(path: str | Path) -> Path:
+    """A run folder given on the command line: the path as given, else the name under artifacts/runs."""
+    path = Path(path)
+    run = path if path.exists() else runs_dir() / str(path)
+    if not (run / "best.safetensors").exists():
+        raise FileNotFoundError(f"{run}: not a training run (no best.safetensors)")
+    return run
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """(fp32 model in eval mode, resolved training config) from a training run folder."""
+    run_dir = Path(run_dir)
+    cfg = read_json(run_dir / "config.json")
+    model = build_from_config(cfg, cfg.get("sampling_rate", 100))
+    model.load_state_dict(load_weights(run_dir / "best.safetensors"))
+    return model.eval(), cfg
+
+
+def checkpoint_sha256(run_dir: Path) -> str:
+    """Identity of the weights a variant is made from; variant.json records it as `source_sha256`."""
+    return sha256_file(Path(run_dir) / "best.safetensors")
+
+
+def channels_last_if_configured(model: nn.Module, cfg: dict) -> nn.Module:
+    """A CNN whose config trained it channels_last (measured faster on this CPU) runs inference that way too;
+    convolutions follow their weights' memory format, so inputs need no change."""
+    if cfg.get("channels_last") and cfg.get("representation") != "signal":
+        model = model.to(memory_format=torch.channels_last)
+    return model
