@@ -98,31 +98,6 @@ def _npy_header(shape: tuple, dtype: np.dtype, length: int | None = None) -> byt
 
 
 # ---------------------------------------------------------------- build
-def _read_csv_rows(path: Path, required) -> list[dict]:
-    """The csv module, not pandas: importing pandas alone would cost a third of a sample build."""
-    import csv
-
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in required if c not in (reader.fieldnames or [])]
-            if missing:
-                raise SourceError(f"{path}: missing column(s) {', '.join(missing)}")
-            return list(reader)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: file not found") from None
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: cannot parse csv ({e})") from None
-
-
-def _number(text: str):
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        return None
-    return int(v) if v.is_integer() else v
-
-
 def _read_one(job):
     """Worker: read and validate one record → ('ok', float32 12×T) or ('error', kind, message)."""
     from shared.records import RecordError, read_record
@@ -145,135 +120,150 @@ def _read_all(jobs: list, workers: int):
         yield from pool.imap(_read_one, jobs, chunksize=128)
 
 
-def build(src: Path, out: Path, sampling_rate: int, folds: dict[str, list[int]], strict: bool,
-          fingerprint: str = "", workers: int = 2) -> dict:
+class _Problems:
+    """Per-record problems: all counted, the first MAX_LISTED_PROBLEMS listed; --strict stops at the first."""
+
+    def __init__(self, strict: bool):
+        self.strict, self.listed, self.counts = strict, [], Counter()
+
+    def add(self, ecg_id, kind: str, message: str) -> None:
+        if self.strict:
+            raise SourceError(f"{message} (ecg_id {ecg_id}; --strict)")
+        self.counts[kind] += 1
+        if len(self.listed) < MAX_LISTED_PROBLEMS:
+            self.listed.append({"ecg_id": ecg_id, "kind": kind, "message": message})
+
+
+def _select(src: Path, sampling_rate: int, folds: dict[str, list[int]], problems: _Problems):
+    """The labelled records of the split's folds (shared/database.py, as `evaluate --data` reads them)."""
+    from shared.database import DatabaseError, select
+
+    split_folds = {f for fs in folds.values() for f in fs}
+    try:
+        selection = select(src, sampling_rate, keep=lambda ecg_id, fold: fold in split_folds)
+    except DatabaseError as e:
+        raise SourceError(str(e)) from None
+    for p in selection.problems:
+        problems.add(p["ecg_id"], p["kind"], p["message"])
+    return selection
+
+
+def _stream_signals(entries: list, tmp: Path, sampling_rate: int, folds: dict[str, list[int]],
+                    problems: _Problems, workers: int) -> dict:
+    """Read every record and append it to tmp/signals.npy in order, hashing the bytes as they are written and
+    summing the training records' per-lead moments (the normalization). Returns rows, classes and statistics."""
     from tqdm import tqdm
 
-    from shared.labels import (CLASSES, DATABASE_COLUMNS, LabelError, diagnostic_classes, multi_hot,
-                               parse_scp_codes, read_statements)
     from shared.records import LEADS
 
-    t0 = time.time()
-    db_path, st_path = src / "ptbxl_database.csv", src / "scp_statements.csv"
-    db = _read_csv_rows(db_path, DATABASE_COLUMNS)
-    try:
-        known_codes, diag_map = read_statements(st_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SourceError(str(e)) from None
-
     fold_to_split = {f: s for s, fs in folds.items() for f in fs}
-    file_col = "filename_lr" if sampling_rate == 100 else "filename_hr"
     n_samples = 10 * sampling_rate
-    problems: list[dict] = []
-    skipped: Counter = Counter()
-    warnings: list[str] = []
-    dropped_no_class = not_in_split = 0
+    delay = float(os.environ.get("DATA_PREP_TEST_DELAY_S", "0"))  # test-only: widens the kill window
+    acc = {"rows": [], "classes": [], "warnings": [], "sum": np.zeros(len(LEADS)), "sq": np.zeros(len(LEADS)),
+           "n_train_values": 0}
+    header = _npy_header((len(entries), len(LEADS), n_samples), np.float32)
+    with open(tmp / "signals.npy", "wb") as fsig:
+        fsig.write(header)
+        results = _read_all([(e.path, sampling_rate) for e in entries], 1 if delay else workers)
+        # hashed while written, on a second thread (hashlib releases the GIL): no second pass over 1 GB
+        data_hash, hasher = hashlib.sha256(), ThreadPoolExecutor(1)
+        for e, result in tqdm(zip(entries, results), total=len(entries), desc=f"records {sampling_rate} Hz",
+                              unit="rec", mininterval=0.5):
+            if result[0] == "error":
+                problems.add(e.ecg_id, result[1], result[2])
+                continue
+            raw = _add_record(acc, e, result[1], fold_to_split[e.fold])
+            fsig.write(raw)
+            hasher.submit(data_hash.update, raw)
+            if delay:
+                time.sleep(delay)
+        hasher.shutdown(wait=True)
+        n = len(acc["rows"])
+        fsig.seek(0)
+        fsig.write(_npy_header((n, len(LEADS), n_samples), np.float32, length=len(header)))
+        fsig.truncate(len(header) + n * len(LEADS) * n_samples * 4)
+    acc["data_sha256"] = data_hash.hexdigest()
+    return acc
 
-    def problem(ecg_id, kind, message):
-        if strict:
-            raise SourceError(f"{message} (ecg_id {ecg_id}; --strict)")
-        skipped[kind] += 1
-        if len(problems) < MAX_LISTED_PROBLEMS:
-            problems.append({"ecg_id": ecg_id, "kind": kind, "message": message})
 
-    # 1. labels and split from the csvs
-    candidates = []
-    for rec in db:
-        ecg_id = _number(rec["ecg_id"])
-        fold = _number(rec["strat_fold"])
-        split = fold_to_split.get(fold)
-        if split is None:
-            not_in_split += 1
-            continue
-        try:
-            classes = diagnostic_classes(parse_scp_codes(rec["scp_codes"]), known_codes, diag_map)
-        except LabelError as e:
-            problem(ecg_id, "bad_scp_codes", f"{db_path} ecg_id {ecg_id}: {e}")
-            continue
-        if not classes:
-            dropped_no_class += 1
-            continue
-        if not rec[file_col]:
-            problem(ecg_id, "missing_file", f"{db_path} ecg_id {ecg_id}: no {file_col}")
-            continue
-        candidates.append((ecg_id, fold, split, classes, rec))
+def _add_record(acc: dict, e, signal: np.ndarray, split: str) -> bytes:
+    """Account one read record (meta row, classes, flat-lead warning, training moments); its bytes to write."""
+    from shared.records import LEADS
 
-    # 2. signals, streamed into signals.npy in order
+    flat = np.ptp(signal, axis=1) == 0
+    if flat.any() and len(acc["warnings"]) < MAX_LISTED_PROBLEMS:
+        acc["warnings"].append(f"{e.path}: flat lead(s) {', '.join(np.array(LEADS)[flat])} (kept)")
+    if split == "train":
+        s64 = signal.astype(np.float64)
+        acc["sum"] += s64.sum(axis=1)
+        acc["sq"] += np.einsum("ij,ij->i", s64, s64)
+        acc["n_train_values"] += signal.shape[1]
+    r = e.row
+    acc["rows"].append([e.ecg_id, r["patient_id"], r["age"], r["sex"], e.fold, split, "|".join(e.classes)])
+    acc["classes"].append(e.classes)
+    return signal.tobytes()
+
+
+def _manifest(src: Path, tmp: Path, sampling_rate: int, folds: dict, strict: bool, fingerprint: str,
+              selection, problems: _Problems, acc: dict, labels: np.ndarray, seconds: float) -> dict:
+    """manifest.json: where the cache came from, what was kept and skipped and why, the train-only
+    normalization, every file's sha256 and the library versions."""
+    from shared.labels import CLASSES
+    from shared.records import LEADS
+
+    mean = acc["sum"] / acc["n_train_values"]
+    std = np.sqrt(np.maximum(acc["sq"] / acc["n_train_values"] - mean ** 2, 1e-12))
+    split_of = np.array([r[5] for r in acc["rows"]])
+    per_split = {s: {"records": int((split_of == s).sum()),
+                     **{c: int(labels[split_of == s, i].sum()) for i, c in enumerate(CLASSES)}}
+                 for s in cache_fmt.SPLITS}
+    db_path = selection.database
+    return {
+        "format": cache_fmt.FORMAT, "format_version": cache_fmt.FORMAT_VERSION, "complete": True,
+        "created_unix": time.time(),
+        "source": {"path": str(src), "fingerprint": fingerprint, "database_sha256": sha256_file(db_path),
+                   "statements_sha256": sha256_file(src / "scp_statements.csv")},
+        "sampling_rate": sampling_rate, "n_samples": 10 * sampling_rate, "leads": list(LEADS),
+        "classes": list(CLASSES), "units": "mV", "folds": folds, "strict": strict,
+        "counts": {"records_in_database": selection.rows, "kept": len(acc["rows"]),
+                   "dropped_no_diagnostic_class": selection.no_class, "not_in_any_split": selection.not_selected,
+                   "skipped": dict(problems.counts), "skipped_total": sum(problems.counts.values()),
+                   "per_split": per_split},
+        "problems": problems.listed, "warnings": acc["warnings"],
+        "normalization": {"fitted_on": "train", "mean": mean.tolist(), "std": std.tolist()},
+        "files": {
+            "signals.npy": {"bytes": (tmp / "signals.npy").stat().st_size, "data_sha256": acc["data_sha256"],
+                            "data_sha256_covers": "the array bytes after the .npy header"},
+            **{name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+               for name in ("labels.npy", "meta.csv")}},
+        "versions": library_versions(),
+        "build_seconds": round(seconds, 2),
+    }
+
+
+def build(src: Path, out: Path, sampling_rate: int, folds: dict[str, list[int]], strict: bool,
+          fingerprint: str = "", workers: int = 2) -> dict:
+    """Build the cache into a temporary folder beside `out` and rename it into place when complete."""
+    from shared.labels import multi_hot
+
+    t0 = time.time()
+    problems = _Problems(strict)
+    selection = _select(src, sampling_rate, folds, problems)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    delay = float(os.environ.get("DATA_PREP_TEST_DELAY_S", "0"))  # test-only: widens the kill window
-    rows, class_lists = [], []
-    mean_acc = np.zeros(len(LEADS)); sq_acc = np.zeros(len(LEADS)); n_train_values = 0
-    jobs = [(src / c[4][file_col], sampling_rate) for c in candidates]
     try:
-        header = _npy_header((len(candidates), len(LEADS), n_samples), np.float32)
-        with open(tmp / "signals.npy", "wb") as fsig:
-            fsig.write(header)
-            results = _read_all(jobs, 1 if delay else workers)
-            # hashed while written, on a second thread (hashlib releases the GIL): no second pass over 1 GB
-            data_hash = hashlib.sha256()
-            hasher = ThreadPoolExecutor(1)
-            for (ecg_id, fold, split, classes, rec), result in tqdm(
-                    zip(candidates, results), total=len(candidates), desc=f"records {sampling_rate} Hz",
-                    unit="rec", mininterval=0.5):
-                if result[0] == "error":
-                    problem(ecg_id, result[1], result[2])
-                    continue
-                signal = result[1]
-                flat = np.ptp(signal, axis=1) == 0
-                if flat.any() and len(warnings) < MAX_LISTED_PROBLEMS:
-                    warnings.append(f"{src / rec[file_col]}: flat lead(s) {', '.join(np.array(LEADS)[flat])} (kept)")
-                raw = signal.tobytes()
-                fsig.write(raw)
-                hasher.submit(data_hash.update, raw)
-                if split == "train":
-                    s64 = signal.astype(np.float64)
-                    mean_acc += s64.sum(axis=1); sq_acc += np.einsum("ij,ij->i", s64, s64)
-                    n_train_values += n_samples
-                rows.append([ecg_id, rec["patient_id"], rec["age"], rec["sex"], fold, split, "|".join(classes)])
-                class_lists.append(classes)
-                if delay:
-                    time.sleep(delay)
-            hasher.shutdown(wait=True)
-            n = len(rows)
-            fsig.seek(0)
-            fsig.write(_npy_header((n, len(LEADS), n_samples), np.float32, length=len(header)))
-            fsig.truncate(len(header) + n * len(LEADS) * n_samples * 4)
-        if n == 0:
-            raise SourceError(f"{src}: no usable records (skipped: {dict(skipped)}, no class: {dropped_no_class})")
-        if n_train_values == 0:
+        acc = _stream_signals(selection.entries, tmp, sampling_rate, folds, problems, workers)
+        if not acc["rows"]:
+            raise SourceError(f"{src}: no usable records (skipped: {dict(problems.counts)}, "
+                              f"no class: {selection.no_class})")
+        if acc["n_train_values"] == 0:
             raise SourceError(f"{src}: no training records in folds {folds['train']}")
-        labels = multi_hot(class_lists)
+        labels = multi_hot(acc["classes"])
         np.save(tmp / "labels.npy", labels)
-        _write_meta(tmp / "meta.csv", rows)
-        mean = mean_acc / n_train_values
-        std = np.sqrt(np.maximum(sq_acc / n_train_values - mean ** 2, 1e-12))
-        split_of = np.array([r[5] for r in rows])
-        per_split = {}
-        for s in cache_fmt.SPLITS:
-            m = split_of == s
-            per_split[s] = {"records": int(m.sum()), **{c: int(labels[m, i].sum()) for i, c in enumerate(CLASSES)}}
-        manifest = {
-            "format": cache_fmt.FORMAT, "format_version": cache_fmt.FORMAT_VERSION, "complete": True,
-            "created_unix": time.time(),
-            "source": {"path": str(src), "fingerprint": fingerprint, "database_sha256": sha256_file(db_path),
-                       "statements_sha256": sha256_file(st_path)},
-            "sampling_rate": sampling_rate, "n_samples": n_samples, "leads": list(LEADS), "classes": list(CLASSES),
-            "units": "mV", "folds": folds, "strict": strict,
-            "counts": {"records_in_database": len(db), "kept": n, "dropped_no_diagnostic_class": dropped_no_class,
-                       "not_in_any_split": not_in_split, "skipped": dict(skipped),
-                       "skipped_total": sum(skipped.values()), "per_split": per_split},
-            "problems": problems, "warnings": warnings,
-            "normalization": {"fitted_on": "train", "mean": mean.tolist(), "std": std.tolist()},
-            "files": {
-                "signals.npy": {"bytes": (tmp / "signals.npy").stat().st_size, "data_sha256": data_hash.hexdigest(),
-                                "data_sha256_covers": "the array bytes after the .npy header"},
-                **{name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                   for name in ("labels.npy", "meta.csv")}},
-            "versions": library_versions(),
-            "build_seconds": round(time.time() - t0, 2),
-        }
+        _write_meta(tmp / "meta.csv", acc["rows"])
+        manifest = _manifest(src, tmp, sampling_rate, folds, strict, fingerprint, selection, problems, acc, labels,
+                             time.time() - t0)
         write_json_atomic(tmp / "manifest.json", manifest)
         cache_fmt.record_verified(tmp, manifest["files"])  # just hashed: a no-op run need not hash them again
         _swap_into_place(tmp, out)

@@ -242,7 +242,7 @@ def _save_predictions(path: Path, preds: dict, cache, classes) -> None:
 # ------------------------------------------------------------------ one artifact on another folder
 def evaluate_on_folder(item: dict, folder: Path, folds: list[int] | None, ids: list[int] | None,
                        n_boot: int, seed: int) -> dict:
-    from shared.inference import ArrayDataset, load_ptbxl_folder, normalize, skipped_summary
+    from shared.raw_input import ArrayDataset, load_ptbxl_folder, normalize, skipped_summary
 
     path, variant = Path(item["path"]), item["variant"]
     model, cfg, _ = load_artifact(path, variant)

@@ -22,7 +22,7 @@ import torch
 
 
 from shared.variants import load_variant
-from shared.inference import InputError, load_signal, normalization, normalize
+from shared.raw_input import InputError, load_signal, normalization, normalize
 from shared.io import first_line
 from shared.labels import CLASSES
 from shared.thresholds import DEFAULT_THRESHOLD, read_thresholds

@@ -158,7 +158,7 @@ def broken_folder(sample_dir, tmp_path) -> Path:
 
 
 def test_folder_reads_only_the_requested_rate_and_names_each_problem(broken_folder):
-    from shared.inference import load_ptbxl_folder
+    from shared.raw_input import load_ptbxl_folder
 
     x, y, ids, problems = load_ptbxl_folder(broken_folder, 100, ecg_ids=list(range(1, 7)))
     kinds = {p["ecg_id"]: p["kind"] for p in problems}
@@ -166,7 +166,7 @@ def test_folder_reads_only_the_requested_rate_and_names_each_problem(broken_fold
     message = {p["ecg_id"]: p["message"] for p in problems}
     assert "records100" in message[1] and "00001_lr.hea" in message[1]
     assert "sampling rate 500 Hz, expected 100 Hz" in message[2] and "s long" not in message[2]
-    from shared.inference import skipped_summary
+    from shared.raw_input import skipped_summary
 
     assert skipped_summary(problems, len(ids)) == \
         f"skipped 3 of {3 + len(ids)} records: 1 missing_file, 1 wrong_sampling_rate, 1 truncated"
@@ -199,7 +199,7 @@ def _write_record(folder: Path, name: str, seconds: float, fs: int = 100) -> Pat
 
 
 def test_short_record_warns_that_the_models_saw_10_s(tmp_path):
-    from shared.inference import load_signal
+    from shared.raw_input import load_signal
 
     short, full = _write_record(tmp_path, "short", 6.0), _write_record(tmp_path, "full", 10.0)
     with pytest.warns(UserWarning, match=r"short: 6\.0 s long; the models were trained on 10 s records"):

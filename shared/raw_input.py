@@ -117,59 +117,35 @@ def load_ptbxl_folder(folder: str | Path, sampling_rate: int, folds: list[int] |
                       ecg_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int], list[dict]]:
     """Records of any folder in PhysioNet's PTB-XL layout (ptbxl_database.csv, scp_statements.csv,
     records100/ or records500/): (raw N×12×T at `sampling_rate`, labels N×5, ecg_ids, problems).
-    As in training, only the records of `sampling_rate` are read (a record of another rate, or missing at this one,
-    would be scored on other input than the cache's) and records without a diagnostic class are dropped. The
-    records that cannot be used are listed in problems as {ecg_id, kind, message}, as in the data manifest."""
-    import csv
+    The records are chosen as `make data` chooses them (shared/database.py): only those of `sampling_rate` are read
+    (a record of another rate, or missing at this one, would be scored on other input than the cache's) and records
+    without a diagnostic class are dropped. The records that cannot be used are listed in problems as
+    {ecg_id, kind, message}, as in the data manifest."""
+    from shared.database import DatabaseError, select
+    from shared.labels import multi_hot
 
-    from shared.labels import LabelError, diagnostic_classes, multi_hot, parse_scp_codes, read_statements
-
-    folder = Path(folder)
-    db = folder / "ptbxl_database.csv"
-    if not db.exists():
-        raise InputError(f"{db}: not found — expected a folder in PTB-XL layout")
-    known, mapping = read_statements(folder / "scp_statements.csv")
-    with open(db, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
     want_ids = set(int(i) for i in ecg_ids) if ecg_ids else None
-    signals, classes, ids, problems = [], [], [], []
-    for r in rows:
-        ecg_id, fold = _row_id_and_fold(db, r)
-        if (want_ids is not None and ecg_id not in want_ids) or (folds and fold not in folds):
-            continue
+    try:
+        selection = select(folder, sampling_rate, keep=lambda ecg_id, fold: (
+            (want_ids is None or ecg_id in want_ids) and (not folds or fold in folds)))
+    except DatabaseError as e:
+        raise InputError(str(e)) from None
+    signals, classes, ids, problems = [], [], [], list(selection.problems)
+    for e in selection.entries:
         try:
-            cls = diagnostic_classes(parse_scp_codes(r["scp_codes"]), known, mapping)
-            signal = _row_signal(folder, db, r, sampling_rate) if cls else None
-        except LabelError as e:
-            problems.append({"ecg_id": ecg_id, "kind": "bad_scp_codes", "message": f"{db} ecg_id {ecg_id}: {e}"})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                signals.append(load_signal(e.path, sampling_rate, min_seconds=TRAINED_SECONDS,
+                                           expected_fs=sampling_rate))
+        except InputError as err:
+            problems.append({"ecg_id": e.ecg_id, "kind": err.kind, "message": str(err)})
             continue
-        except InputError as e:
-            problems.append({"ecg_id": ecg_id, "kind": e.kind, "message": str(e)})
-            continue
-        if signal is not None:
-            signals.append(signal)
-            classes.append(cls)
-            ids.append(ecg_id)
+        classes.append(e.classes)
+        ids.append(e.ecg_id)
     if not signals:
         raise InputError(f"{folder}: no readable labelled records"
                          + (f" ({problems[0]['message']} …)" if problems else ""))
     return fit_length(signals, 10 * sampling_rate), multi_hot(classes), ids, problems
-
-
-def _row_id_and_fold(db: Path, row: dict) -> tuple[int, int | None]:
-    try:
-        return int(float(row["ecg_id"])), int(float(row["strat_fold"])) if row.get("strat_fold") else None
-    except (KeyError, ValueError):
-        raise InputError(f"{db}: row {row.get('ecg_id')!r} lacks a numeric ecg_id/strat_fold") from None
-
-
-def _row_signal(folder: Path, db: Path, row: dict, sampling_rate: int) -> np.ndarray:
-    column = "filename_lr" if sampling_rate == 100 else "filename_hr"
-    if not row.get(column):
-        raise InputError(f"{db} ecg_id {row['ecg_id']}: no {column}", "missing_file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_signal(folder / row[column], sampling_rate, min_seconds=TRAINED_SECONDS, expected_fs=sampling_rate)
 
 
 def skipped_summary(problems: list[dict], n_read: int) -> str:
