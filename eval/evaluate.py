@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import re
 import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -40,6 +39,7 @@ from shared.formats.sparse import load_sparse, nonzero_parameters
 from shared.hardware import host_cpu, native_bf16
 from shared.variants import artifact_bytes, load_variant
 from shared import metrics as M
+from shared import timing_gate
 from shared.io import (first_line, library_versions, read_json, write_bytes_atomic, write_json_atomic,
                        write_text_atomic)
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
@@ -183,7 +183,9 @@ def parameter_counts(path: Path, variant: str, cfg: dict) -> tuple[int, int]:
 # ------------------------------------------------------------------ one artifact on the cache
 def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED, speed: bool = True,
                       data_dir: Path | None = None, latency_runs: int = LATENCY_RUNS,
-                      timing_gate: bool = False) -> dict:
+                      gated: bool = False) -> dict:
+    """Scores of one artifact on the cache's val and test folds (thresholds from val only), its size, and with
+    `speed` its latency and throughput — `gated`: timed only once eval-all has paused the other workers."""
     from shared.cache import open_cache
     from shared.dataset import ECGDataset
 
@@ -210,7 +212,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
     if speed:
         x, _ = ECGDataset(cache, "val").__getitems__(range(THROUGHPUT_BATCH))
         example = adapter.eval_inputs(x)[0][:THROUGHPUT_BATCH]
-        paused = wait_for_the_cpu() if timing_gate else None
+        paused = timing_gate.wait_for_the_cpu() if gated else None
         result["efficiency"] = efficiency(model, example, latency_runs)
         if paused is not None:
             result["efficiency"]["other_evaluations_paused"] = paused
@@ -332,77 +334,20 @@ def collect() -> list[dict]:
 
 
 # ------------------------------------------------------------------ driver
-# eval-all scores JOBS artifacts at once (each process on NPROC/JOBS threads: two one-thread processes do 1.3x
-# the work of one two-thread process on the 2-core machine), but latency and throughput are timed by one process
-# at a time with the others paused (SIGSTOP), so the figures mean what they say. The protocol: a worker that
-# reaches its timing prints READY and waits for a line on stdin; the driver pauses every other worker, answers
-# with their pids, and resumes them when the timed worker exits. New workers start only while nobody is timed.
-READY = "@@eval-ready-to-time"
-
-
-def wait_for_the_cpu(settle_seconds: float = 2.0) -> int:
-    """Ask eval-all for the CPU; return how many other evaluations were verifiably paused while we time.
-
-    SIGSTOP takes effect asynchronously, so wait (briefly) until every peer shows as stopped before timing."""
-    print(READY, flush=True)
-    pids = [int(p) for p in sys.stdin.readline().split()]  # the pids eval-all paused (none when alone)
-    deadline = time.time() + settle_seconds
-    while not all(_is_stopped(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.01)
-    return sum(1 for pid in pids if _is_stopped(pid))
-
-
-def _is_stopped(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
-
-
-class _Worker:
-    """One `eval.evaluate --artifact` process; a thread forwards its stdout lines to the driver's queue."""
-
-    def __init__(self, item: dict, args: list[str], env: dict, events: "queue.Queue"):
-        import tempfile
-        import threading
-
-        self.item, self.lines = item, []
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty stderr cannot block it
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, bufsize=1)
-        threading.Thread(target=self._read, args=(events,), daemon=True).start()
-
-    def _read(self, events):
-        for line in self.proc.stdout:
-            if line.strip() == READY:
-                events.put(("ready", self))
-            else:
-                self.lines.append(line.rstrip("\n"))
-        events.put(("done", self, self.proc.wait()))
-
-    def grant(self, paused: list[int]):
-        try:
-            self.proc.stdin.write(" ".join(map(str, paused)) + "\n")
-            self.proc.stdin.flush()
-        except OSError:
-            pass  # it died meanwhile; its "done" event follows
-
-    def signal(self, sig):
-        try:
-            self.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-    def error_text(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()
+def _worker_command(item: dict, n_boot: int, speed: bool, latency_runs: int) -> list[str]:
+    args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--bootstrap", str(n_boot),
+            "--latency-runs", str(latency_runs), "--timing-gate"]
+    args += [] if speed else ["--no-speed"]
+    if item["variant"] in ("fp32", "bf16"):  # a training run folder scored two ways
+        args += ["--variant", item["variant"]]
+    return args
 
 
 def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
                  latency_runs: int = LATENCY_RUNS, jobs: int = 1, bf16: str = "auto") -> int:
+    """Score every artifact that has no up-to-date result, `jobs` processes at a time (shared/timing_gate.py
+    times them one by one); the tables are rewritten after each artifact, so an interrupted run feeds the report."""
     import os
-    import queue
-    import signal
 
     from tqdm import tqdm
 
@@ -415,66 +360,30 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
               file=sys.stderr)
         return 2
     todo = [i for i in items if force or not is_fresh(i)]
-    jobs = max(1, min(jobs, len(todo))) if hasattr(signal, "SIGSTOP") else 1
+    jobs = max(1, min(jobs, len(todo))) if timing_gate.can_pause() else 1
     print(f"{len(items)} artifacts, {len(items) - len(todo)} up to date, {len(todo)} to evaluate"
           + (f", {jobs} at a time" if jobs > 1 else ""))
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    events, pending, running, waiting, timing = queue.Queue(), list(todo), [], [], None
     failures = []
     bar = tqdm(total=len(todo), desc="eval-all", unit="artifact")
 
-    def grant(worker):
-        others = [w for w in running if w is not worker]
-        for w in others:
-            w.signal(signal.SIGSTOP)
-        worker.signal(signal.SIGCONT)
-        worker.grant([w.proc.pid for w in others])
-        return worker
+    def done(worker, rc):
+        item = worker.item
+        if rc != 0:
+            log = result_dir(item["id"]) / "error.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(log, worker.error_text())
+            failures.append(f"{item['id']}: {exception_line(worker.error_text())} (full log: {log})")
+            tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
+        else:
+            tqdm.write(worker.lines[-1] if worker.lines else item["id"])
+            write_tables(collect(), bf16_skipped)
+        bar.update(1)
 
-    try:
-        while pending or running:
-            while pending and len(running) < jobs and timing is None:  # nothing new starts while one is timed
-                item = pending.pop(0)
-                args = [sys.executable, "-m", "eval.evaluate", "--artifact", str(item["path"]), "--bootstrap",
-                        str(n_boot), "--latency-runs", str(latency_runs), "--timing-gate"]
-                args += [] if speed else ["--no-speed"]
-                if item["variant"] in ("fp32", "bf16"):  # a training run folder scored two ways
-                    args += ["--variant", item["variant"]]
-                running.append(_Worker(item, args, env, events))
-            kind, worker, *rest = events.get()
-            if kind == "ready":
-                if timing is None:
-                    timing = grant(worker)
-                else:
-                    waiting.append(worker)
-                continue
-            running.remove(worker)
-            if worker is timing:
-                timing = None
-            if worker in waiting:
-                waiting.remove(worker)
-            if timing is None:
-                if waiting:
-                    timing = grant(waiting.pop(0))
-                else:
-                    for w in running:
-                        w.signal(signal.SIGCONT)
-            item, rc = worker.item, rest[0]
-            if rc != 0:
-                log = result_dir(item["id"]) / "error.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(log, worker.error_text())
-                failures.append(f"{item['id']}: {exception_line(worker.error_text())} (full log: {log})")
-                tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
-            else:
-                tqdm.write(worker.lines[-1] if worker.lines else item["id"])
-                write_tables(collect(), bf16_skipped)  # after each artifact: an interrupted eval-all feeds the report
-            bar.update(1)
-    finally:  # never leave a paused worker behind (Ctrl-C reaches the workers too, once they run again)
-        for w in running:
-            w.signal(signal.SIGCONT)
+    timing_gate.run_gated(todo, lambda item: _worker_command(item, n_boot, speed, latency_runs), jobs, REPO, env,
+                          done)
     bar.close()
     json_path, csv_path = write_tables(collect(), bf16_skipped)
     print(f"wrote {json_path} and {csv_path}")
@@ -559,7 +468,7 @@ def main(argv=None) -> int:
             result["artifact"] = f"{item['id']} on {args.data}"
         else:
             result = evaluate_artifact(item, args.bootstrap, args.seed, not args.no_speed,
-                                       latency_runs=args.latency_runs, timing_gate=args.timing_gate)
+                                       latency_runs=args.latency_runs, gated=args.timing_gate)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2

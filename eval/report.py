@@ -346,12 +346,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build(out: Path) -> tuple[Path, Path]:
-    evaluation = load_results()
-    results = evaluation["results"]
-    runs = run_table()
-    sections: list[tuple[str, str, list]] = []  # (title, intro text, [("table", head, rows) | ("figure", name, png)])
-
+def data_sections() -> list:
+    """Records per split and superclass, from the cache's manifest."""
+    sections = []
     counts = data_counts()
     if counts:
         classes = [k for k in counts[0] if k not in ("split", "records", "sampling_rate")]
@@ -360,6 +357,13 @@ def build(out: Path) -> tuple[Path, Path]:
                          [("table", ["split", "records"] + classes,
                            [[c["split"], str(c["records"])] + [str(c[k]) for k in classes] for c in counts])]))
 
+    return sections
+
+
+def leaderboard_sections(evaluation: dict) -> list:
+    """Every artifact ranked, with how its intervals and timings were made."""
+    sections = []
+    results = evaluation["results"]
     head, rows = leaderboard(results)
     bf16_skipped = evaluation.get("bf16_skipped")
     bf16_note = (f" bf16 twins of the runs: {bf16_skipped}." if bf16_skipped and
@@ -372,6 +376,12 @@ def build(out: Path) -> tuple[Path, Path]:
                      f"throughput measured on: {results[0].get('efficiency', {}).get('cpu', 'this CPU')}." + bf16_note,
                      [("table", head, rows)]))
 
+    return sections
+
+
+def figure_sections(results: list[dict]) -> list:
+    """ROC of the best fp32 model (chosen on validation) and accuracy vs latency."""
+    sections = []
     best = best_model(results)
     if best:
         sections.append(("ROC curves of the best model", f"{best['artifact']} — the trained model (fp32) chosen by "
@@ -381,6 +391,12 @@ def build(out: Path) -> tuple[Path, Path]:
         sections.append(("Accuracy vs CPU latency", "Each point is an artifact; arrows go from a run's fp32 model to "
                          "its compressed variants.", [("figure", "auc_vs_latency.png", scatter_figure(results))]))
 
+    return sections
+
+
+def deploy_sections(results: list[dict]) -> list:
+    """The recommended deploy artifact per run, and the Pareto view."""
+    sections = []
     deploy = deploy_rows(results)
     if deploy:
         sections.append(("Deploy candidates", f"Per run, the recommended deploy artifact: the fastest at batch 32 on "
@@ -392,7 +408,12 @@ def build(out: Path) -> tuple[Path, Path]:
                                      "× smaller", "its test AUC", "fp32 test AUC", "flagged (Δ val)"], deploy),
                           ("figure", "pareto.png", pareto_figure(results))]))
 
-    ci_resamples = ci_info.get("ci_resamples") or 1000
+    return sections
+
+
+def paired_sections(results: list[dict], ci_resamples: int) -> list:
+    """Paired test differences on the same records: compressed vs fp32, each model vs the reference, distilled vs plain."""
+    sections = []
     compressed, vs_ref = paired_against(results, REFERENCE_MODEL, ci_resamples)
     if compressed:
         sections.append(("Compressed vs fp32 on the same records", "Each compressed or bf16 variant's test macro AUC "
@@ -412,6 +433,12 @@ def build(out: Path) -> tuple[Path, Path]:
                          "macro AUC difference on the same records, paired bootstrap as above.",
                          [("table", *paired_table(kd))]))
 
+    return sections
+
+
+def run_comparison_sections(runs: list[dict]) -> list:
+    """Training-run comparisons: seed preset vs default input, tuned vs default."""
+    sections = []
     svd = seed_vs_default(runs)
     if svd:
         items = [("table", ["model", "default input", "seed val", "default val", "Δ val", "seed test", "default test",
@@ -432,6 +459,12 @@ def build(out: Path) -> tuple[Path, Path]:
                            [[t["model"], t["representation"], fmt(t["default_val"], ".4f"), fmt(t["tuned_val"], ".4f"),
                              fmt(t["default_test"], ".4f"), fmt(t["tuned_test"], ".4f"), fmt(t["trials"], "d"),
                              fmt(t["study_seconds"], ".0f"), t["fixed"]] for t in tvd])]))
+    return sections
+
+
+def published_sections(results: list[dict]) -> list:
+    """The published PTB-XL benchmark, quoted beside ours."""
+    sections = []
     ours = {r["model"]: r for r in results if r["variant"] == "fp32"}
     pub_rows = [[name, f"{auc:.3f} ± {unc:.3f}", fmt(ours[name]["splits"]["test"]["macro_auc"], ".4f")
                  if name in ours else "–"] for name, auc, unc in PUBLISHED]
@@ -439,6 +472,12 @@ def build(out: Path) -> tuple[Path, Path]:
                      "models were trained and tested on the FULL PTB-XL (folds 1–8 / 10); ours may come from a sample "
                      "and a CPU budget, so the columns are not directly comparable.",
                      [("table", ["model", "published test macro AUC (full PTB-XL)", "ours, fp32 test"], pub_rows)]))
+    return sections
+
+
+def provenance_sections(evaluation: dict) -> list:
+    """Commit, date, commands and library versions."""
+    sections = []
     versions = evaluation.get("versions") or library_versions()
     commands = ["make data PTBXL_DIR=…", "make train-all PROFILE=…", "make compress-all PROFILE=…", "make eval-all",
                 "make report"]
@@ -446,6 +485,17 @@ def build(out: Path) -> tuple[Path, Path]:
                      f"artifacts root {artifacts_root()}.",
                      [("table", ["step", "command"], [[str(i + 1), c] for i, c in enumerate(commands)]),
                       ("table", ["library", "version"], [[k, v] for k, v in versions.items()])]))
+    return sections
+
+
+def build(out: Path) -> tuple[Path, Path]:
+    """report.html + report.md from eval-all's results.json and the training runs, one section after another."""
+    evaluation = load_results()
+    results = evaluation["results"]
+    ci_info = next((r["splits"]["test"] for r in results if "ci" in r["splits"]["test"]), {})
+    sections = (data_sections() + leaderboard_sections(evaluation) + figure_sections(results)
+                + deploy_sections(results) + paired_sections(results, ci_info.get("ci_resamples") or 1000)
+                + run_comparison_sections(run_table()) + published_sections(results) + provenance_sections(evaluation))
     return write_pages(out, sections, len(results))
 
 
