@@ -22,7 +22,6 @@ unless --force.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -34,12 +33,12 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 
-from shared.runs import checkpoint_sha256, find_run, load_run, training_run
+from shared.cli import add_run_choice, chosen_run, comma_list
+from shared.runs import checkpoint_sha256, load_run
 from shared.variants import finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic
-from shared.nets import MODELS
 from shared.paths import compressed_dir, data_cache_dir, runs_dir
 from shared.results import check_against_parent
 from shared.training import InputAdapter, validation_scores
@@ -385,14 +384,7 @@ def best_run(profile: str, root: Path | None = None) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compression.export_onnx", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", type=Path, help="a training run folder (artifacts/runs/<run>)")
-    src.add_argument("--model", choices=MODELS, help="export artifacts/runs/<model>-<repr>-<profile>")
-    src.add_argument("--best", action="store_true", help="export the run of --profile with the best val macro AUC")
-    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
-    ap.add_argument("--representation", default=os.environ.get("REPR") or None)
-    ap.add_argument("--kd", action="store_true",
-                    help="with --model: its distilled run (<run>-kd, from make train-<model> TEACHER=…)")
+    add_run_choice(ap, "export", best=True)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of %(default)s")
     ap.add_argument("--calibration-batches", type=int, default=None,
                     help=f"training batches for int8 calibration (default {CALIBRATION_BATCHES}, quick "
@@ -407,18 +399,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
     ap.add_argument("--force", action="store_true", help="redo finished variants")
     args = ap.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        print(f"error: unknown variant(s) {bad}; choose from {VARIANTS}", file=sys.stderr)
-        return 2
     try:
-        if args.best:
-            run = best_run(args.profile)
-        elif args.model:
-            run = find_run(args.model, args.profile, args.representation, args.kd)
-        else:
-            run = training_run(args.run)
+        variants = comma_list(args.variants, VARIANTS)
+        run = best_run(args.profile) if args.best else chosen_run(args)
         export(run, variants, args.data, args.out, args.force, args.calibration_batches, args.activation_type,
                dynamo=not args.no_dynamo, mode=args.int8)
     except (FileNotFoundError, ValueError) as e:

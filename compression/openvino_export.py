@@ -15,7 +15,6 @@ checkpoint is skipped unless --force. Loading an IR runs no Python code (shared/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -24,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.runs import checkpoint_sha256, find_run, load_run, training_run
+from shared.cli import add_run_choice, chosen_run, comma_list
+from shared.runs import checkpoint_sha256, load_run
 from shared.variants import artifact_bytes, finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
-from shared.nets import MODELS, TRANSFORMERS
+from shared.nets import TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.training import InputAdapter, calibration_inputs, validation_scores
@@ -152,8 +152,6 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
 
 
 def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter, root, batches) -> dict:
-    from shared.formats.openvino_model import OpenVinoModel
-
     out = root / variant
     out.mkdir(parents=True, exist_ok=True)
     compare = val_windows(cache, adapter)
@@ -170,18 +168,31 @@ def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter,
     info.update(artifact="model.xml", weights="model.bin", method=variant, run=str(run_dir.resolve()),
                 source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"],
                 seconds=round(seconds, 1), versions={**library_versions(), **_versions()})
+    return record_ir(out, info, run_dir, model, cache, adapter, compare, f"{run_dir.name}/{variant}", seconds)
+
+
+def record_ir(out: Path, info: dict, run_dir: Path, model: torch.nn.Module, cache, adapter: InputAdapter,
+              compare: torch.Tensor, label: str, seconds: float) -> dict:
+    """Write variant.json, score the IR on validation, measure how far it strays from the torch model it was
+    made from on the same windows, flag a collapse against the run's fp32 model, write metrics.json, say it
+    in one line. Also used for the structured network's int8 (compression/prune_structured.py)."""
+    from shared.formats.openvino_model import OpenVinoModel
+
     write_json_atomic(out / "variant.json", info)
     ov_model = OpenVinoModel(out / "model.xml")
     metrics = validation_scores(ov_model, cache, adapter, chunk=EVAL_CHUNK)
     with torch.no_grad():
         diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
-    metrics.update(method=variant, run=run_dir.name, artifact_bytes=artifact_bytes(out / "model.xml"),
-                   fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
-    check_against_parent(metrics, run_dir, f"{run_dir.name}/{variant}")
+    metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=artifact_bytes(out / "model.xml"),
+                   fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff,
+                   **({"source": info["source"]} if "source" in info else {}))
+    check_against_parent(metrics, run_dir, label)
     write_json_atomic(out / "metrics.json", metrics)
-    print(f"{run_dir.name}/{variant}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
-          f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), "
-          f"max |Δp| vs torch {diff:.4f}, {seconds:.0f} s", flush=True)
+    change = metrics.get("val_auc_change_vs_fp32")
+    print(f"{label}: val macro AUC {metrics['val']['macro_auc']:.4f}"
+          f"{'' if change is None else f' ({change:+.4f} vs fp32)'}, {metrics['artifact_bytes'] / 1e6:.2f} MB "
+          f"(fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), max |Δp| vs its torch model {diff:.4f}, "
+          f"{seconds:.0f} s", flush=True)
     return metrics
 
 
@@ -195,13 +206,7 @@ def _versions() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compression.openvino_export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", type=Path, help="a training run folder (artifacts/runs/<run>)")
-    src.add_argument("--model", choices=MODELS, help="export artifacts/runs/<model>-<repr>-<profile>")
-    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
-    ap.add_argument("--representation", default=os.environ.get("REPR") or None)
-    ap.add_argument("--kd", action="store_true",
-                    help="with --model: its distilled run (<run>-kd, from make train-<model> TEACHER=…)")
+    add_run_choice(ap, "export")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of %(default)s")
     ap.add_argument("--calibration-batches", type=int, default=None,
                     help=f"training batches for int8 calibration (default {CALIBRATION_BATCHES}, quick "
@@ -210,23 +215,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
     ap.add_argument("--force", action="store_true", help="redo finished variants")
     args = ap.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if bad := [v for v in variants if v not in VARIANTS]:
-        print(f"error: unknown variant(s) {bad}; choose from {VARIANTS}", file=sys.stderr)
-        return 2
     try:
-        if args.model:
-            run = find_run(args.model, args.profile, args.representation, args.kd)
-        else:
-            run = training_run(args.run)
-        export(run, variants, args.data, args.out, args.force, args.calibration_batches)
+        variants = comma_list(args.variants, VARIANTS)
+        export(chosen_run(args), variants, args.data, args.out, args.force, args.calibration_batches)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except ExportFailed:  # each failure was reported as it happened
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
 import sys
 import time
 import warnings
@@ -65,12 +64,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-from shared.runs import channels_last_if_configured, checkpoint_sha256, find_run, load_run, training_run
-from shared.variants import artifact_bytes, finished_variant
+from shared.cli import add_run_choice, chosen_run
+from shared.runs import channels_last_if_configured, checkpoint_sha256, load_run
+from shared.variants import finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
-from shared.nets import MODELS, count_parameters
+from shared.nets import count_parameters
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured
@@ -519,7 +519,6 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
     """OpenVINO NNCF int8 of the pruned network (structured + int8: the deploy candidate), made as
     compression/openvino_export.py makes openvino_int8 from the unpruned one."""
     from compression import openvino_export as ove
-    from shared.formats.openvino_model import OpenVinoModel
 
     out = root / INT8_VARIANT
     structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
@@ -547,20 +546,7 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
                     "max_abs_logit_diff_vs_torch"], run=str(run_dir.resolve()), source_sha256=source_sha256,
                 model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
                 versions={**library_versions(), **_versions()})
-    write_json_atomic(out / "variant.json", info)
-    ov_model = OpenVinoModel(out / "model.xml")
-    metrics = validation_scores(ov_model, cache, adapter, chunk=ove.EVAL_CHUNK)
-    with torch.no_grad():
-        diff = (torch.sigmoid(ov_model(compare)) - torch.sigmoid(model(compare))).abs().max().item()
-    metrics.update(method="openvino_int8", source=METHOD, run=run_dir.name,
-                   artifact_bytes=artifact_bytes(out / "model.xml"),
-                   fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff)
-    check_against_parent(metrics, run_dir, f"{run_dir.name}/{INT8_VARIANT}")
-    write_json_atomic(out / "metrics.json", metrics)
-    print(f"{run_dir.name}/{INT8_VARIANT}: val macro AUC {metrics['val']['macro_auc']:.4f}{_change(metrics)}, "
-          f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), "
-          f"max |Δp| vs pruned torch {diff:.4f}, {seconds:.0f} s", flush=True)
-    return metrics
+    return ove.record_ir(out, info, run_dir, model, cache, adapter, compare, f"{run_dir.name}/{INT8_VARIANT}", seconds)
 
 
 def _change(metrics: dict) -> str:
@@ -594,13 +580,7 @@ def _fraction(text: str) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compression.prune_structured", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", choices=MODELS, help="prune artifacts/runs/<model>-<repr>-<profile>")
-    src.add_argument("--run", type=Path, help="a training run folder (artifacts/runs/<run>)")
-    ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"),
-                    help="with --model: the run's profile (default $PROFILE or cpu)")
-    ap.add_argument("--representation", default=os.environ.get("REPR") or None,
-                    help="with --model: the run's representation (default $REPR or the config's)")
+    add_run_choice(ap, "prune")
     tgt = ap.add_mutually_exclusive_group()
     tgt.add_argument("--target-params", type=_fraction, default=None, metavar="FRACTION",
                      help=f"fraction of the parameters to remove (default {TARGET_PARAMS})")
@@ -646,11 +626,7 @@ def main(argv=None) -> int:
     by, target = ("macs", args.target_macs) if args.target_macs is not None else (
         "params", args.target_params if args.target_params is not None else TARGET_PARAMS)
     try:
-        if args.model:
-            run = find_run(args.model, args.profile, args.representation)
-        else:
-            run = training_run(args.run)
-        prune_run(run, args.data, args.out, args.force, target, by, args.importance, args.kd_alpha, args.kd_t,
+        prune_run(chosen_run(args), args.data, args.out, args.force, target, by, args.importance, args.kd_alpha, args.kd_t,
                   args.steps, args.step_batches, args.finetune_epochs, args.finetune_batches, args.lr_factor,
                   args.then_int8, args.calibration_batches, args.speed_rounds, args.seed)
     except PruningFailed as e:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from shared.io import read_json
@@ -89,12 +88,3 @@ def artifact_bytes(file: str | Path) -> int:
     file = Path(file)
     weights = file.with_suffix(".bin") if file.suffix == ".xml" else None
     return file.stat().st_size + (weights.stat().st_size if weights and weights.exists() else 0)
-
-
-def nonzero_parameters(state_dict: dict) -> tuple[int, int]:
-    total = nz = 0
-    for v in state_dict.values():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            total += v.numel()
-            nz += int((v != 0).sum())
-    return total, nz
