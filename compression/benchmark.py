@@ -34,6 +34,7 @@ from shared.cache import CacheError, open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, read_json, write_json_atomic
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
+from shared.results import COLLAPSE_AUC, DEPLOY_AUC_BUDGET
 from shared.timing import time_forward
 from shared.training import InputAdapter, autocast, predict_dataset, scores
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     inputs = adapter.eval_inputs(x_all)[0][:32]
     rows = [r for r in (measure(v, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) for v in VARIANTS) if r]
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    md = table(run.name, rows, isa)
+    md = table(run.name, rows, isa) + "\n" + "\n".join(summary(rows)) + "\n"
     print(md)
     write_json_atomic(root / f"benchmark{'-' + isa.lower() if isa else ''}.json",
                       {"run": run.name, "isa_cap": isa, "cpu": host_cpu(), "rows": rows, "markdown": md})
@@ -177,6 +178,35 @@ def table(run_name: str, rows: list[dict], isa: str | None) -> str:
             f"{r['b1_t1'] / base['b1_t1']:.2f} | {_num(same and r['b32_t1'] / same['b32_t1'], 1, '.2f')} | "
             f"{_num(macs and macs * r['b32_t1'], 1e-9, '.1f')} | {_num(base['macs'] and macs and base['macs'] / macs, 1, '.2f')} |")
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """What a deployment decision needs, in a few lines: the recommended artifact (fastest at batch 32 on one
+    thread within DEPLOY_AUC_BUDGET validation macro AUC of fp32, as the report chooses), the smallest such one,
+    what int8 buys over its own runtime's fp32, what structured pruning alone buys, and what collapsed."""
+    base, by = rows[0], {r["variant"]: r for r in rows}
+
+    def vs_fp32(r):
+        return (f"{r['variant']}: b32/1t {r['b32_t1'] / base['b32_t1']:.2f}× fp32, b1/1t "
+                f"{r['b1_t1'] / base['b1_t1']:.2f}×, {base['bytes'] / r['bytes']:.2f}× smaller, "
+                f"Δ val {r['val_auc'] - base['val_auc']:+.4f}")
+
+    ok = [r for r in rows if base["val_auc"] - r["val_auc"] <= DEPLOY_AUC_BUDGET]
+    lines = [f"- recommended (fastest b32/1t within {DEPLOY_AUC_BUDGET} val AUC): "
+             + vs_fp32(max(ok, key=lambda r: r["b32_t1"])),
+             "- smallest within the same budget: " + vs_fp32(max(ok, key=lambda r: base["bytes"] / r["bytes"]))]
+    for int8, fp in RUNTIME_FP32.items():
+        if int8 in by and fp in by:
+            lines.append(f"- {int8} over {fp}: b32/1t {by[int8]['b32_t1'] / by[fp]['b32_t1']:.2f}×, "
+                         f"b1/1t {by[int8]['b1_t1'] / by[fp]['b1_t1']:.2f}×")
+    if "structured" in by:
+        r = by["structured"]
+        lines.append(f"- structured fp32 alone: {1 - r['params'] / base['params']:.1%} fewer parameters, "
+                     f"b32/1t {r['b32_t1'] / base['b32_t1']:.2f}×, b1/1t {r['b1_t1'] / base['b1_t1']:.2f}×")
+    collapsed = [f"{r['variant']} ({r['val_auc'] - base['val_auc']:+.4f})" for r in rows
+                 if base["val_auc"] - r["val_auc"] > COLLAPSE_AUC]
+    lines.append(f"- flagged (lose > {COLLAPSE_AUC} val AUC): {', '.join(collapsed) or 'none'}")
+    return lines
 
 
 def _num(v, scale, spec) -> str:
