@@ -1,0 +1,21 @@
+"""compression.benchmark's closing summary picks the deploy artifact as the report does: on validation only."""
+from compression.benchmark import summary
+
+
+def _row(variant, val, b32, b1, size, params=1000):
+    return {"variant": variant, "val_auc": val, "b32_t1": b32, "b1_t1": b1, "bytes": size, "params": params}
+
+
+def test_summary_recommends_the_fastest_within_budget_and_flags_collapse():
+    rows = [_row("fp32", 0.900, 100, 50, 4000),
+            _row("static", 0.885, 900, 300, 1000),            # fastest, but loses 0.015: flagged, never chosen
+            _row("openvino_fp32", 0.900, 200, 80, 4000),
+            _row("openvino_int8", 0.897, 600, 150, 1000),     # within 0.005: recommended
+            _row("structured", 0.8990, 150, 60, 2400, params=600),
+            _row("structured_openvino_int8", 0.8955, 500, 140, 700)]  # loses 0.0045: smallest within budget
+    lines = summary(rows)
+    assert lines[0].startswith("- recommended") and "openvino_int8: b32/1t 6.00× fp32, b1/1t 3.00×" in lines[0]
+    assert "structured_openvino_int8" in lines[1] and "5.71× smaller" in lines[1]
+    assert "- openvino_int8 over openvino_fp32: b32/1t 3.00×, b1/1t 1.88×" in lines
+    assert any(line.startswith("- structured fp32 alone: 40.0% fewer parameters, b32/1t 1.50×") for line in lines)
+    assert lines[-1] == "- flagged (lose > 0.01 val AUC): static (-0.0150)"
