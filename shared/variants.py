@@ -15,18 +15,14 @@ from shared.runs import build_from_config, channels_last_if_configured, load_run
 def variant_is_current(variant_dir: Path, run_dir: Path, checkpoint_sha: str) -> bool:
     """A variant is finished (metrics.json) and made from the run's present checkpoint (checkpoint_sha256 of
     the run, computed once by the caller). After a retrain (`train --force`) the old variants would otherwise be
-    kept and scored as the new model's. Variants from before variant.json recorded the checkpoint's sha256
-    count as current when newer than the checkpoint."""
-    metrics, best = Path(variant_dir) / "metrics.json", Path(run_dir) / "best.safetensors"
-    if not metrics.exists():
+    kept and scored as the new model's. A variant.json without the checkpoint's sha256 is not current."""
+    if not (Path(variant_dir) / "metrics.json").exists():
         return False
     try:
         recorded = read_json(Path(variant_dir) / "variant.json").get("source_sha256")
     except (OSError, ValueError):
         return False
-    if recorded:
-        return recorded == checkpoint_sha
-    return metrics.stat().st_mtime >= best.stat().st_mtime
+    return bool(recorded) and recorded == checkpoint_sha
 
 
 def finished_variant(variant_dir: Path, run_dir: Path, checkpoint_sha: str, force: bool) -> dict | None:
