@@ -38,13 +38,13 @@ TEACHERS   := $(subst $(,), ,$(TEACHER))
 TEACHER_MODELS := $(foreach t,$(TEACHERS),$(if $(findstring /,$(t)),,$(t)))
 BAD_TEACHER := $(firstword $(filter-out $(ALL_MODELS),$(TEACHER_MODELS)))
 SELF_TAUGHT := $(firstword $(filter $(foreach g,train seeds tune,$(addprefix $(g)-,$(TEACHER_MODELS))),$(MAKECMDGOALS)))
-KD_GOALS    := $(filter all train-all seeds-all tune-all bakeoff demo,$(MAKECMDGOALS))
+KD_GOALS    := $(filter all train-all tune-all bakeoff demo,$(MAKECMDGOALS))
 ifneq ($(BAD_TEACHER),)
 $(error TEACHER=$(TEACHER): unknown model '$(BAD_TEACHER)'; choose from $(ALL_MODELS), or give a run folder path)
 else ifneq ($(SELF_TAUGHT),)
 $(error make $(SELF_TAUGHT) TEACHER=$(TEACHER): a model cannot be its own teacher)
 else ifneq ($(and $(TEACHER),$(KD_GOALS)),)
-$(error make $(firstword $(KD_GOALS)) TEACHER=$(TEACHER): TEACHER applies to train-<model>, seeds-<model> and tune-<model>)
+$(error make $(firstword $(KD_GOALS)) TEACHER=$(TEACHER): TEACHER applies to train-<model>, seeds-<model>, seeds-all and tune-<model>)
 endif
 CONFIG     ?= default
 SET        ?=
@@ -123,13 +123,18 @@ bakeoff: train-all  ## also train the four 2-D families with the seed recipe, th
 
 # extra seeds: each `model seed` pair is one job; xargs runs JOBS of them at once (each on JOB_THREADS threads)
 SEED_JOBS = $(JOB_ENV) xargs -P $(JOBS) -L 1 sh -c '$(PYTHON) -m models.train --model "$$0" --set seed="$$1" $(TRAIN_ARGS) --no-progress'
-seeds-%: $(DATA_DEP)  ## train SEEDS="1 2" more seeds of one model (beside seed 0), JOBS at a time, then the summary (mean ± sd)
-	$(if $(TEACHER_MODELS),$(foreach s,$(SEEDS),$(call TRAIN_TEACHERS,SEED=$(s)) &&) true)
-	printf '$* %s\n' $(SEEDS) | $(SEED_JOBS)
+# with TEACHER: the distilled runs of seed 0 as well (students have no seed-0 run of their own yet), of the 2-D
+# students only, each after its teacher's run of the same seed
+RUN_SEEDS   = $(if $(TEACHER),$(sort 0 $(SEEDS)),$(SEEDS))
+SEED_MODELS = $(if $(TEACHER),$(filter $(MODELS_2D),$(TRAIN_ORDER)),$(TRAIN_ORDER))
+seeds-%: $(DATA_DEP)  ## train SEEDS="1 2" more seeds of one model (beside seed 0; with TEACHER also seed 0), JOBS at a time, then the summary (mean ± sd)
+	$(if $(TEACHER_MODELS),$(foreach s,$(RUN_SEEDS),$(call TRAIN_TEACHERS,SEED=$(s)) &&) true)
+	printf '$* %s\n' $(RUN_SEEDS) | $(SEED_JOBS)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
-seeds-all: $(DATA_DEP)  ## SEEDS more seeds of every model, JOBS at a time, then the summary
-	for m in $(TRAIN_ORDER); do printf "$$m %s\n" $(SEEDS); done | $(SEED_JOBS)
+seeds-all: $(DATA_DEP)  ## SEEDS more seeds of every model (with TEACHER: seeds 0 and SEEDS of the 2-D students), JOBS at a time, then the summary
+	$(if $(TEACHER_MODELS),$(foreach s,$(RUN_SEEDS),$(call TRAIN_TEACHERS,SEED=$(s)) &&) true)
+	for m in $(SEED_MODELS); do printf "$$m %s\n" $(RUN_SEEDS); done | $(SEED_JOBS)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs/summary-<profile>.md)
