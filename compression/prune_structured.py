@@ -21,30 +21,7 @@ How:
   * --then-int8 also writes the pruned network's OpenVINO NNCF int8 IR to structured_openvino_int8/ (the same
     conversion and calibration as compression/openvino_export.py).
 
-Measured (val macro AUC on the real PTB-XL subset's 53 validation records, where differences under ~0.01 are
-noise; mean of fine-tune seeds 0, 1, 2): 40 % fewer parameters in 4 steps, 6 fine-tune batches after each and
-3 epochs of 3 batches (the quick profile's cap) after the last, 33 batches in all —
-`python -m compression.prune_structured --run RUN --data CACHE --out OUT --force --step-batches 6
---finetune-epochs 3 --importance I --kd-alpha A --seed S`. Parents: the quick profile trained 6 epochs (make
-demo's settings), and tests/conftest.py's 1-epoch, 3-batch quick runs. "Unpruned": the parent given the same
-33 batches of fine-tuning (plain BCE), to tell what pruning costs from what the extra training gains.
-                       parent   magnitude KD / plain   Taylor KD / plain   unpruned
-  vit, 6 epochs        0.814    0.837 / 0.836          0.832 / 0.831       0.829
-  resnet1d_wang, 6 ep  0.877    0.899 / 0.898          0.888 / 0.894       0.894
-  vit, 3 batches       0.666    0.752 / 0.757          0.761 / 0.762       0.774
-  resnet1d_wang, 3 b   0.671    0.877 / 0.878          0.834 / 0.840       0.880
-  * importance: magnitude beat Taylor on three of the four (by 0.004 to 0.04) and needs no backward passes:
-    IMPORTANCE = magnitude.
-  * distillation (α 0.5, T 2) over plain fine-tuning: +0.001 with the 6-epoch teachers (noise level), −0.001 and
-    −0.006 with the 3-batch ones, teachers worse than the pruned student becomes on its own. KD_ALPHA stays 0.5 for
-    trained parents; --kd-alpha 0 for a weak one.
-  * the pruned networks beat their parents because the fine-tune trains them further; against "unpruned" (the
-    same extra training) pruning 40 % cost nothing measurable on the 6-epoch runs (+0.005, +0.008) and on the
-    3-batch resnet1d_wang (−0.002), 0.02 on the 3-batch vit.
-  * reached: vit params −40.7 %, MACs −42.4 %; resnet1d_wang params −43.2 %, MACs −42.8 % (128-wide layers
-    move in steps of 8 channels). One thread, same process, pruned vs parent: vit batch 32 ×1.47, batch 1 ×1.34;
-    resnet1d_wang batch 32 ×1.51, batch 1 ×1.29. Their int8 IRs (--then-int8): 1.99 and 0.36 MB (fp32 10.8 and
-    1.9 MB) at the pruned network's val AUC (±0.002).
+Why magnitude importance and α = 0.5: docs/benchmarks.md ("Structured pruning: importance and distillation").
 Scored on the validation fold only (eval-all reads test once). A finished variant of the run's present
 checkpoint is skipped unless --force.
 """
@@ -79,7 +56,7 @@ from shared.training import InputAdapter, train_step, validation_scores
 # Knobs
 METHOD = "structured"
 INT8_VARIANT = "structured_openvino_int8"
-IMPORTANCE = "magnitude"       # magnitude | taylor (module docstring: measured)
+IMPORTANCE = "magnitude"       # magnitude | taylor (docs/benchmarks.md: magnitude won 3 of 4)
 TARGET_PARAMS = 0.4            # fraction of the parent's parameters to remove (or --target-macs)
 PRUNE_STEPS = 4                # small steps, each followed by STEP_FINETUNE_BATCHES of fine-tuning
 STEP_FINETUNE_BATCHES = 25     # ~3 epochs over 4 steps on the sample; 100 cost ~2.7 min a step per model
