@@ -13,6 +13,8 @@ run's name gets `-kd` and its config.json the teacher runs' paths and checkpoint
 Writes artifacts/runs/<model>-<representation>-<profile>[-tuned][-kd][-seed<N>]/:
   config.json (resolved config + versions), last.pt (resume state), best.safetensors (+ best.json),
   log.jsonl (one line per epoch), metrics.json (val/test macro + per-class AUC, size, time).
+On stdout, one line per epoch (loss, val macro AUC, seconds, best so far), and a step bar while stderr is a
+terminal (shared/progress.py): a log file gets the lines only. --no-progress prints neither.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
+from torch.utils.data import DataLoader, Sampler
 
 from shared import config as config_mod
-from shared.cache import CacheError, open_cache
+from shared.cache import CacheError, ECGCache, open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.distill import (TeacherChanged, check_settings, load_teacher, student_loss,
                             teacher_logits)
@@ -41,6 +44,7 @@ from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load
                        save_checkpoint, save_weights, write_json_atomic)
 from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters
 from shared.paths import data_cache_dir, runs_dir
+from shared.progress import bar, log, postfix
 from shared.training import InputAdapter, autocast, predict_batches, scores, train_step
 
 
@@ -89,6 +93,41 @@ class NoFullBatch(ValueError):
     """The training set (after max_train_records, per process) is smaller than one batch."""
 
 
+@dataclass
+class Data:
+    """One process's inputs: its share of the training fold and the whole validation fold (never the test fold)."""
+    cache: ECGCache
+    adapter: InputAdapter
+    sampler: Sampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps_per_epoch: int
+
+
+@dataclass
+class Learner:
+    """The model and what updates it. ddp_model is the model itself in a single process."""
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: Callable
+    teacher: Callable | None
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    scaler: torch.amp.GradScaler | None
+    params: int
+
+
+@dataclass
+class Throughput:
+    """This process's seconds loading batches and in whole steps, and the samples it saw (not across a resume)."""
+    data_s: float = 0.0
+    step_s: float = 0.0
+    samples: int = 0
+
+
 def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = True,
           on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True) -> dict:
     """Train `cfg` into `out`; return metrics.json's content ({} on ranks other than 0).
@@ -96,19 +135,51 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
     on_epoch(epoch, record) runs on rank 0 after each epoch is logged and checkpointed (the tuner reports
     val AUC to Optuna there; an exception it raises, e.g. optuna.TrialPruned, stops training and
     propagates). evaluate_test=False never opens the test fold: metrics.json and predictions.npz then
-    hold validation only (tuning must not see test labels).
+    hold validation only (tuning must not see test labels). progress=False prints no per-epoch lines.
     """
-    from torch.utils.data.distributed import DistributedSampler
-    from tqdm import tqdm
-
     rank, world, device = setup_distributed()
     main_proc = rank == 0
     cfg = {**cfg, "world_size": world}
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    data = build_data(cfg, data_dir, rank, world)
+    learner = build_learner(cfg, data, device, world)
+    chash = config_hash({k: v for k, v in cfg.items() if k != "world_size"})
+    state = start_or_resume(out, data, learner, chash, resume, main_proc)
+
+    clock = Throughput()
+    best_val = None  # the best epoch's validation output, when this process computed it (not across a resume)
+    while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg.get("patience", 10**9):
+        epoch, t_epoch = state["epoch"], time.perf_counter()
+        losses, teacher_s = run_epoch(cfg, epoch, data, learner, rank, clock,
+                                      desc=f"{out.name} epoch {epoch + 1}/{cfg['epochs']}",
+                                      show_bar=progress and main_proc)
+        record, val = close_epoch(epoch, data, learner, state, losses, teacher_s, t_epoch)
+        best_val = val or best_val
+        if main_proc:
+            save_epoch(out, learner, state, record, improved=val is not None, chash=chash)
+            if progress:
+                log(epoch_line(out.name, record, state, improved=val is not None))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, record)
+
+    if world > 1:
+        write_ddp_digest(out, learner.model, rank)
+        dist.barrier()
+    result = finish(cfg, out, data_dir, data, learner, state, best_val, clock, evaluate_test) if main_proc else {}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def build_data(cfg: dict, data_dir: Path, rank: int, world: int) -> Data:
+    """Loaders over the cache: full batches of batch_size / world per process (a short last batch would weigh
+    its records more), capped at max_train_records and max_train_batches."""
+    from torch.utils.data.distributed import DistributedSampler
+
     cache = open_cache(data_dir)
-    fs = cache.sampling_rate
-    adapter = InputAdapter(cfg, fs)
+    adapter = InputAdapter(cfg, cache.sampling_rate)
     train_ds, val_ds = ECGDataset(cache, "train"), ECGDataset(cache, "val")  # the test split is not opened here
     if cfg.get("max_train_records"):
         train_ds.indices = train_ds.indices[: int(cfg["max_train_records"])]
@@ -120,18 +191,23 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:  # drop_last with fewer records than one batch: the loss would be NaN, silently
         raise NoFullBatch(f"{data_dir}: {len(train_ds)} training records over {world} process(es) make no full batch "
-                         f"of {per_rank_batch}; lower batch_size or raise max_train_records")
+                          f"of {per_rank_batch}; lower batch_size or raise max_train_records")
     if cfg.get("max_train_batches"):
         steps_per_epoch = min(steps_per_epoch, int(cfg["max_train_batches"]))
+    return Data(cache, adapter, sampler, train_loader, val_loader, steps_per_epoch)
 
+
+def build_learner(cfg: dict, data: Data, device: torch.device, world: int) -> Learner:
+    """The model from seed `cfg["seed"]` (every rank builds the same one), AdamW with warm-up + cosine, the teacher
+    and the loss, AMP and channels-last as the config asks."""
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], cfg["representation"], adapter.crop, num_classes=len(cache.classes),
+    model = build_model(cfg["model"], cfg["representation"], data.adapter.crop, num_classes=len(data.cache.classes),
                         pretrained=cfg.get("pretrained", False), drop_path_rate=cfg.get("drop_path_rate", 0.0),
                         drop_rate=cfg.get("drop_rate", 0.0), **architecture_kwargs(cfg)).to(device)
     params = count_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    teacher = load_teacher(cfg["teacher_runs"], fs, device) if cfg.get("teacher_runs") else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, data.steps_per_epoch))
+    teacher = load_teacher(cfg["teacher_runs"], data.cache.sampling_rate, device) if cfg.get("teacher_runs") else None
     if teacher is not None and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)  # DeiT: (class head, distillation head) in training, their mean in eval
     loss_fn = student_loss(cfg)
@@ -144,133 +220,171 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()) \
         else None
-
     ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    return Learner(model, ddp_model, optimizer, scheduler, loss_fn, teacher, device, amp, channels_last, scaler, params)
 
+
+def start_or_resume(out: Path, data: Data, learner: Learner, chash: str, resume: bool, main_proc: bool) -> dict:
+    """The training state: last.pt's (model, optimizer and schedule restored) when resuming a run of the same config;
+    otherwise a fresh one holding the untrained model's val AUC (the baseline learning must beat), log.jsonl reset."""
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
-    last_path, best_path = out / "last.pt", out / "best.safetensors"
-    chash = config_hash({k: v for k, v in cfg.items() if k != "world_size"})
+    last_path = out / "last.pt"
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
         if ckpt.get("config_hash") != chash:
             raise SystemExit(f"error: {last_path}: written with a different config; delete it or drop --resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        learner.model.load_state_dict(ckpt["model"])
+        learner.optimizer.load_state_dict(ckpt["optimizer"])
+        learner.scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         if main_proc:
-            print(f"resuming {out.name} after epoch {state['epoch']}")
+            log(f"resuming {out.name} after epoch {state['epoch']}")
     else:
         if main_proc:
             (out / "log.jsonl").unlink(missing_ok=True)
-        probs, labels = predict_batches(model, val_loader, adapter, device, amp)
-        state["untrained_val_auc"] = scores(labels, probs, cache.classes)["macro_auc"]
+        probs, labels = predict_batches(learner.model, data.val_loader, data.adapter, learner.device, learner.amp)
+        state["untrained_val_auc"] = scores(labels, probs, data.cache.classes)["macro_auc"]
+    state.setdefault("teacher_seconds", 0.0)  # last.pt of runs from before distillation lacks it
+    return state
 
-    data_time = step_time = 0.0
-    state.setdefault("teacher_seconds", 0.0)
-    samples_seen = 0
-    best_val = None  # the best epoch's validation output, when this process computed it (not across a resume)
-    while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg.get("patience", 10**9):
-        epoch = state["epoch"]
-        t_epoch = time.perf_counter()
-        sampler.set_epoch(epoch)
-        torch.manual_seed(cfg["seed"] * 1000 + epoch)  # dropout / drop-path: same stream on resume
-        crop_gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch * 1009 + rank)
-        losses, teacher_s = [], 0.0
-        bar = tqdm(total=steps_per_epoch, desc=f"{out.name} epoch {epoch + 1}/{cfg['epochs']}",
-                   disable=not (progress and main_proc), leave=False)
-        it = iter(train_loader)
-        for _ in range(steps_per_epoch):
-            t0 = time.perf_counter()
-            x, y = next(it)
-            crop = adapter.train_crop(x, crop_gen)
-            inputs = adapter.represent(crop).to(device, non_blocking=True)
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            y = y.to(device)
-            t1 = time.perf_counter()
-            soft = None
-            if teacher is not None:  # the same crop through the teacher's own representation, never a test record
-                with autocast(device, amp):
-                    soft = teacher_logits(teacher, crop.to(device, non_blocking=True))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # time the teacher's kernels, not their launch
-                teacher_s += time.perf_counter() - t1
-            losses.append(train_step(ddp_model, optimizer, loss_fn, inputs, (y, soft), device, amp,
-                                     cfg.get("grad_clip", 0), scaler))
-            scheduler.step()
-            t2 = time.perf_counter()
-            data_time += t1 - t0
-            step_time += t2 - t0
-            samples_seen += len(x)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            bar.update()
-        bar.close()
-        probs, labels = predict_batches(model, val_loader, adapter, device, amp)
-        val_auc = scores(labels, probs, cache.classes)["macro_auc"]
-        state["train_seconds"] += time.perf_counter() - t_epoch
-        state["teacher_seconds"] += teacher_s
-        improved = val_auc > state["best_auc"]
-        if improved:
-            state.update(best_auc=val_auc, best_epoch=epoch, bad_epochs=0)
-            best_val = probs, labels
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auc": val_auc,
-                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t_epoch, 2)}
-        if teacher is not None:
-            record.update(teacher_seconds=round(teacher_s, 2), teacher_cost=cost_ratio(record["seconds"], teacher_s))
-        state["history"].append(record)
-        if main_proc:
-            if improved:
-                save_weights(best_path, model.state_dict(), {"epoch": epoch + 1, "val_macro_auc": val_auc})
-            save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "state": state, "config_hash": chash})
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if progress:
-                print(f"{out.name} epoch {epoch + 1}: loss {record['train_loss']:.4f} val macro AUC {val_auc:.4f}"
-                      f"{' *' if improved else ''}{teacher_note(record)}", flush=True)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, record)
 
-    if world > 1:
-        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
-        write_json_atomic(out / f"ddp_digest.rank{rank}.json", {"rank": rank, "sha256": digest})
-        dist.barrier()
-    result = {}
-    if main_proc:
-        model.load_state_dict(load_weights(best_path))
-        # the best epoch's pass saw these very weights: reuse it rather than score validation once more
-        val_probs, val_labels = best_val or predict_batches(model, val_loader, adapter, device, amp)
-        arrays, test = {"val_probs": val_probs, "val_labels": val_labels}, {}
-        if evaluate_test:
-            test_ds = ECGDataset(cache, "test")  # first and only look at the test fold
-            test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg.get("eval_batch_size", 64)),
-                                                      adapter, device, amp)
-            arrays.update(test_probs=test_probs, test_labels=test_labels)
-            test = {"test": scores(test_labels, test_probs, cache.classes)}
-        np.savez_compressed(out / "predictions.npz", **arrays)
-        result = {
-            "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
-            "config": cfg["config"], "seed": cfg["seed"], "run": out.name,
-            "val": scores(val_labels, val_probs, cache.classes), **test,
-            "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1,
-            "epochs_run": state["epoch"], "params": params,
-            "checkpoint_bytes": best_path.stat().st_size, "train_seconds": round(state["train_seconds"], 1),
-            "data_time_share": round(data_time / step_time, 4) if step_time else None,
-            "train_samples_per_s": round(samples_seen / step_time, 1) if step_time else None,
-            "device": str(device), "world_size": world, "threads": torch.get_num_threads(), "data": str(data_dir),
-            "teacher": cfg.get("teacher") or None,
-        }
-        if teacher is not None:
-            result.update(teacher_seconds=round(state["teacher_seconds"], 1),
-                          teacher_cost=cost_ratio(state["train_seconds"], state["teacher_seconds"]))
-        write_json_atomic(out / "metrics.json", result)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+def run_epoch(cfg: dict, epoch: int, data: Data, learner: Learner, rank: int, clock: Throughput, desc: str,
+              show_bar: bool) -> tuple[list[float], float]:
+    """steps_per_epoch optimizer steps; returns their losses and the seconds spent in the teacher. Every random
+    stream is seeded from (seed, epoch[, rank]), so a resumed run draws the same shuffles, crops and dropout."""
+    data.sampler.set_epoch(epoch)
+    torch.manual_seed(cfg["seed"] * 1000 + epoch)  # dropout / drop-path: same stream on resume
+    crop_gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch * 1009 + rank)
+    losses, teacher_s = [], 0.0
+    batches = iter(data.train_loader)
+    steps = bar(range(data.steps_per_epoch), desc, enabled=show_bar)
+    for _ in steps:
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        crop, inputs, y = prepare_batch(x, y, crop_gen, data.adapter, learner)
+        t1 = time.perf_counter()
+        soft = None
+        if learner.teacher is not None:
+            soft = teacher_targets(learner, crop)
+            teacher_s += time.perf_counter() - t1
+        losses.append(train_step(learner.ddp_model, learner.optimizer, learner.loss_fn, inputs, (y, soft),
+                                 learner.device, learner.amp, cfg.get("grad_clip", 0), learner.scaler))
+        learner.scheduler.step()
+        t2 = time.perf_counter()
+        clock.data_s += t1 - t0
+        clock.step_s += t2 - t0
+        clock.samples += len(x)
+        postfix(steps, loss=f"{np.mean(losses[-20:]):.4f}")
+    return losses, teacher_s
+
+
+def prepare_batch(x: torch.Tensor, y: torch.Tensor, crop_gen: torch.Generator, adapter: InputAdapter,
+                  learner: Learner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the raw random crop, the model's input on the device, the labels on the device) of one training batch."""
+    crop = adapter.train_crop(x, crop_gen)
+    inputs = adapter.represent(crop).to(learner.device, non_blocking=True)
+    if learner.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return crop, inputs, y.to(learner.device)
+
+
+def teacher_targets(learner: Learner, crop: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits for the student's crop, through the teacher's own representation (never a test record)."""
+    with autocast(learner.device, learner.amp):
+        soft = teacher_logits(learner.teacher, crop.to(learner.device, non_blocking=True))
+    if learner.device.type == "cuda":
+        torch.cuda.synchronize(learner.device)  # time the teacher's kernels, not their launch
+    return soft
+
+
+def close_epoch(epoch: int, data: Data, learner: Learner, state: dict, losses: list[float], teacher_s: float,
+                t_epoch: float) -> tuple[dict, tuple | None]:
+    """Score validation and update `state` (epoch, best epoch, early-stopping count, history). Returns the epoch's
+    log record and, when it is the best so far, its validation output (probs, labels); else None."""
+    probs, labels = predict_batches(learner.model, data.val_loader, data.adapter, learner.device, learner.amp)
+    val_auc = scores(labels, probs, data.cache.classes)["macro_auc"]
+    state["train_seconds"] += time.perf_counter() - t_epoch
+    state["teacher_seconds"] += teacher_s
+    improved = val_auc > state["best_auc"]
+    if improved:
+        state.update(best_auc=val_auc, best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auc": val_auc,
+              "lr": learner.scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t_epoch, 2)}
+    if learner.teacher is not None:
+        record.update(teacher_seconds=round(teacher_s, 2), teacher_cost=cost_ratio(record["seconds"], teacher_s))
+    state["history"].append(record)
+    return record, ((probs, labels) if improved else None)
+
+
+def save_epoch(out: Path, learner: Learner, state: dict, record: dict, improved: bool, chash: str) -> None:
+    """best.safetensors when the epoch improved; last.pt, to resume from, and the epoch's log.jsonl line always."""
+    if improved:
+        save_weights(out / "best.safetensors", learner.model.state_dict(),
+                     {"epoch": record["epoch"], "val_macro_auc": record["val_macro_auc"]})
+    save_checkpoint(out / "last.pt", {"model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
+                                      "scheduler": learner.scheduler.state_dict(), "state": state,
+                                      "config_hash": chash})
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def epoch_line(name: str, record: dict, state: dict, improved: bool) -> str:
+    """One epoch in a line (* marks a new best): what a log file shows instead of a progress bar."""
+    return (f"{name} epoch {record['epoch']}: loss {record['train_loss']:.4f} val macro AUC "
+            f"{record['val_macro_auc']:.4f}{' *' if improved else ''}, {record['seconds']:.1f} s, "
+            f"best {state['best_auc']:.4f} (epoch {state['best_epoch'] + 1}){teacher_note(record)}")
+
+
+def write_ddp_digest(out: Path, model: nn.Module, rank: int) -> None:
+    """This rank's weights' sha256: every rank of a DDP run must end with the same model."""
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    write_json_atomic(out / f"ddp_digest.rank{rank}.json", {"rank": rank, "sha256": digest})
+
+
+def finish(cfg: dict, out: Path, data_dir: Path, data: Data, learner: Learner, state: dict, best_val: tuple | None,
+           clock: Throughput, evaluate_test: bool) -> dict:
+    """Reload the best weights and score validation and (unless tuning) the test fold, its first and only read;
+    write predictions.npz and metrics.json and return metrics.json's content."""
+    model, adapter, device, amp = learner.model, data.adapter, learner.device, learner.amp
+    model.load_state_dict(load_weights(out / "best.safetensors"))
+    # the best epoch's pass saw these very weights: reuse it rather than score validation once more
+    val_probs, val_labels = best_val or predict_batches(model, data.val_loader, adapter, device, amp)
+    arrays, test = {"val_probs": val_probs, "val_labels": val_labels}, {}
+    if evaluate_test:
+        test_ds = ECGDataset(data.cache, "test")  # first and only look at the test fold
+        test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg.get("eval_batch_size", 64)),
+                                                  adapter, device, amp)
+        arrays.update(test_probs=test_probs, test_labels=test_labels)
+        test = {"test": scores(test_labels, test_probs, data.cache.classes)}
+    np.savez_compressed(out / "predictions.npz", **arrays)
+    result = metrics(cfg, out, data_dir, learner, state, clock, scores(val_labels, val_probs, data.cache.classes),
+                     test)
+    write_json_atomic(out / "metrics.json", result)
+    return result
+
+
+def metrics(cfg: dict, out: Path, data_dir: Path, learner: Learner, state: dict, clock: Throughput, val: dict,
+            test: dict) -> dict:
+    """metrics.json: the scores, the training's length, size and speed, and where it ran."""
+    result = {
+        "model": cfg["model"], "representation": cfg["representation"], "profile": cfg["profile"],
+        "config": cfg["config"], "seed": cfg["seed"], "run": out.name,
+        "val": val, **test,
+        "untrained_val_macro_auc": state.get("untrained_val_auc"), "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"], "params": learner.params,
+        "checkpoint_bytes": (out / "best.safetensors").stat().st_size,
+        "train_seconds": round(state["train_seconds"], 1),
+        "data_time_share": round(clock.data_s / clock.step_s, 4) if clock.step_s else None,
+        "train_samples_per_s": round(clock.samples / clock.step_s, 1) if clock.step_s else None,
+        "device": str(learner.device), "world_size": cfg["world_size"], "threads": torch.get_num_threads(),
+        "data": str(data_dir), "teacher": cfg.get("teacher") or None,
+    }
+    if learner.teacher is not None:
+        result.update(teacher_seconds=round(state["teacher_seconds"], 1),
+                      teacher_cost=cost_ratio(state["train_seconds"], state["teacher_seconds"]))
     return result
 
 
@@ -305,7 +419,7 @@ def parse_args(argv=None):
                     help="continue from last.pt (env RESUME=1); automatic outside torchrun when the config matches")
     ap.add_argument("--force", action="store_true",
                     help="start over: retrain even if metrics.json or last.pt exists")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no step bar and no per-epoch lines")
     return ap.parse_args(argv)
 
 
@@ -465,13 +579,8 @@ def refuse(message: str) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            return refuse(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = config_mod.parse_value(v.strip())
     try:
+        overrides = config_mod.parse_overrides(args.set)
         cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
         data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
         if cfg.get("teacher"):  # checked before anything is written
@@ -495,7 +604,7 @@ def main(argv=None) -> int:
     except TeacherChanged as e:  # retrained after this run recorded it
         return refuse(str(e))
     if result:
-        print(f"{out.name}: val macro AUC {result['val']['macro_auc']:.4f}, test macro AUC "
+        log(f"{out.name}: val macro AUC {result['val']['macro_auc']:.4f}, test macro AUC "
               f"{result['test']['macro_auc']:.4f}, {result['train_seconds']:.0f} s, "
               f"data share {result['data_time_share']}"
               + (f", teacher cost {result['teacher_cost']}x a plain run" if "teacher_cost" in result else ""))

@@ -35,14 +35,15 @@ import sys
 import time
 import tomllib
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
 
 from shared import config as config_mod
 from shared.io import library_versions, write_json_atomic, write_text_atomic
 from shared.nets import MODELS
-from shared.paths import artifacts_root, data_cache_dir
+from shared.paths import data_cache_dir, tune_dir
+from shared.progress import log
 
 # --- knobs ------------------------------------------------------------------------------------------------
 SAMPLER_SEED = 0          # trial n samples with a seed made of (SAMPLER_SEED, n): reproducible, and a resumed
@@ -59,10 +60,6 @@ LOCK_WAIT_S = 300         # a worker waits this long for the study lock, then st
 
 class TuneError(Exception):
     """Bad input or environment: main() prints it as one line and exits 2."""
-
-
-def tune_dir(model: str) -> Path:
-    return artifacts_root() / "tune" / model
 
 
 def default_storage(model: str) -> str:
@@ -355,7 +352,7 @@ class StudyLock:
         deadline = time.time() + LOCK_WAIT_S
         while not self._try():
             if time.time() > deadline:  # a holder on a machine that vanished: go on, at worst a trial over
-                print(f"the study lock was not free for {LOCK_WAIT_S} s; going on without it", flush=True)
+                log(f"the study lock was not free for {LOCK_WAIT_S} s; going on without it")
                 return
             time.sleep(0.05)
         self.held = True
@@ -470,7 +467,39 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+@dataclass
+class Search:
+    """What every trial of the study shares: the keys --set fixes, the config they resolve to, the space to
+    draw from, the keys each representation fixes, the cache and the teacher runs."""
+    fixed: dict
+    base: dict
+    space: dict
+    rep_keys: dict
+    data_dir: Path
+    teachers: list[dict]
+
+
 def run(args) -> int:
+    """Check the arguments, open (or rejoin) the study, run trials until it has --trials, write its outputs."""
+    check_args(args)
+    search = prepare_search(args)
+    study, storage, storage_url = open_study(args, search.fixed)
+    lock = StudyLock(storage, storage_url, study_name(args))
+    callbacks = TrialCallbacks(args.trials, args.heartbeat, storage, lock)
+    objective = make_objective(args, search, lock)
+    t0 = time.time()
+    wait_for_stale_trials(study, args, storage_url, callbacks.fail_stale)
+    interrupted = optimize(study, args, objective, lock, callbacks)
+    callbacks.fail_stale(study, None)
+    return summarize(study, args, search, storage_url, time.time() - t0, interrupted)
+
+
+def study_name(args) -> str:
+    return args.study or args.model
+
+
+def check_args(args) -> None:
+    """Refuse a bad model, profile or count before anything is opened."""
     if args.model not in MODELS:
         raise TuneError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
     if args.profile not in config_mod.PROFILES:
@@ -480,13 +509,13 @@ def run(args) -> int:
                         "workers on one --storage")
     if args.trials < 1 or args.timeout < 0 or args.heartbeat < 1:
         raise TuneError("--trials and --heartbeat must be >= 1 and --timeout >= 0")
-    fixed = {}
-    for item in args.set:
-        if "=" not in item:
-            raise TuneError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        fixed[k.strip()] = config_mod.parse_value(v.strip())
+
+
+def prepare_search(args) -> Search:
+    """The config every trial starts from and the space left to search, checked against each other; the cache
+    and the teacher runs, checked once here rather than failing in every trial."""
     try:
+        fixed = config_mod.parse_overrides(args.set)
         base = config_mod.resolve(args.model, args.profile, fixed.get("representation"), "default", fixed)
         space = config_mod.search_space(args.model, distill=bool(base.get("teacher")))
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -509,16 +538,19 @@ def run(args) -> int:
         open_cache(data_dir)
     except CacheError as e:
         raise TuneError(str(e)) from None
-    teachers = teacher_runs(base, data_dir)
+    return Search(fixed, base, space, rep_keys, data_dir, teacher_runs(base, data_dir))
 
+
+def open_study(args, fixed: dict):
+    """(study, storage, storage URL): the named study, created or loaded. Rejoining a study started with another
+    profile or other --set keys is refused: its trials would not be comparable."""
     import optuna
-    from optuna.trial import TrialState
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from report() below
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from TrialCallbacks.report
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage_url = args.storage or default_storage(args.model)
     storage = open_storage(storage_url, args.heartbeat)
-    name = args.study or args.model
+    name = study_name(args)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
                                     sampler=make_sampler(SAMPLER_SEED), pruner=make_pruner())
@@ -534,36 +566,59 @@ def run(args) -> int:
     elif seen != attrs:
         raise TuneError(f"study {name!r} in {redact(storage_url)} was started with {seen}, not {attrs}; "
                         "use the same --profile/--set, or --study NAME for a new study")
+    return study, storage, storage_url
 
-    trials_root = tune_dir(args.model) / "trials"
+
+def make_objective(args, search: Search, lock: StudyLock):
+    """Optuna's objective: draw a config, train it into trials/<n> on the train folds (the test fold is never
+    opened) and return its best val macro AUC; each epoch's val AUC goes to the pruner."""
+    import optuna
 
     from models.train import train
 
-    lock = StudyLock(storage, storage_url, name)
+    name = study_name(args)
+    trials_root = tune_dir(args.model) / "trials"
 
     def objective(trial):
         lock.release()  # this trial now exists (RUNNING): the next count, by any worker, includes it
-        params = suggest(trial, space, rep_keys)
-        rep = params.get("representation") or fixed.get("representation")
-        cfg = config_mod.resolve(args.model, args.profile, rep, "default", {**fixed, **params})
-        if teachers:
-            cfg["teacher_runs"] = teachers
+        params = suggest(trial, search.space, search.rep_keys)
+        rep = params.get("representation") or search.fixed.get("representation")
+        cfg = config_mod.resolve(args.model, args.profile, rep, "default", {**search.fixed, **params})
+        if search.teachers:
+            cfg["teacher_runs"] = search.teachers
         out = trials_root / (str(trial.number) if name == args.model else f"{name}-{trial.number}")
         out.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("run", str(out))
-        write_json_atomic(out / "config.json", {**cfg, "data": str(data_dir), "study": name, "trial": trial.number,
-                                                "params": params, "versions": library_versions()})
+        write_json_atomic(out / "config.json", {**cfg, "data": str(search.data_dir), "study": name,
+                                                "trial": trial.number, "params": params,
+                                                "versions": library_versions()})
 
         def on_epoch(epoch: int, record: dict) -> None:
             trial.report(record["val_macro_auc"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: val macro AUC {record['val_macro_auc']:.4f}")
 
-        result = train(cfg, out, data_dir, resume=False, progress=False, on_epoch=on_epoch, evaluate_test=False)
+        result = train(cfg, out, search.data_dir, resume=False, progress=False, on_epoch=on_epoch,
+                       evaluate_test=False)
         trial.set_user_attr("epochs_run", result["epochs_run"])
         return result["val"]["macro_auc"]
 
-    def report(study, t) -> None:
+    return objective
+
+
+class TrialCallbacks:
+    """What runs after each trial: its one-line report, failing dead workers' trials, and the decision to stop."""
+
+    def __init__(self, trials: int, heartbeat: int, storage, lock: StudyLock):
+        self.trials, self.heartbeat, self.storage, self.lock = trials, heartbeat, storage, lock
+        self.silent_since: dict[int, float] = {}  # fail_trials_without_heartbeat's clock
+
+    def all(self) -> list:
+        return [self.report, self.fail_stale, self.next_or_stop]
+
+    def report(self, study, t) -> None:
+        from optuna.trial import TrialState
+
         secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else 0
         if t.state == TrialState.COMPLETE:
             what = f"val macro AUC {t.value:.4f}"
@@ -577,69 +632,80 @@ def run(args) -> int:
             best = f"best {study.best_trial.number} ({study.best_value:.4f})"
         except ValueError:
             best = "no complete trial yet"
-        print(f"trial {t.number}: {what}, {secs:.0f} s, {params} | {finished(study)}/{args.trials} finished, {best}",
-              flush=True)
+        log(f"trial {t.number}: {what}, {secs:.0f} s, {params} | {finished(study)}/{self.trials} finished, {best}")
 
-    silent_since: dict[int, float] = {}
+    def fail_stale(self, study, t) -> None:
+        import optuna
 
-    def fail_stale(study, t) -> None:
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial must not count as running below
-        fail_trials_without_heartbeat(study, storage, 2 * args.heartbeat, silent_since)
+        fail_trials_without_heartbeat(study, self.storage, 2 * self.heartbeat, self.silent_since)
 
-    def next_or_stop(study, t) -> None:
+    def next_or_stop(self, study, t) -> None:
         """Stop when finished + running trials (this worker's and the others') reach --trials: workers sharing
         the study stop together instead of each running its own --trials. Otherwise keep the lock until the
         next trial exists (objective releases it)."""
-        lock.acquire()
-        if finished(study) + running(study) >= args.trials:
+        self.lock.acquire()
+        if finished(study) + running(study) >= self.trials:
             study.stop()
-            lock.release()
+            self.lock.release()
 
-    import torch
 
-    t0 = time.time()
+def wait_for_stale_trials(study, args, storage_url: str, fail_stale) -> None:
+    """Say where the study stands. When the trials still missing are all RUNNING (another worker's, or a killed
+    run's), wait up to two heartbeats: a dead one goes stale, is failed and re-queued, and this worker runs it."""
     fail_stale(study, None)
     done, busy = finished(study), running(study)
-    print(f"tuning {args.model} (profile {args.profile}): study {name!r} in {redact(storage_url)}, "
-          f"{done}/{args.trials} trials finished, {busy} running elsewhere", flush=True)
+    log(f"tuning {args.model} (profile {args.profile}): study {study_name(args)!r} in {redact(storage_url)}, "
+        f"{done}/{args.trials} trials finished, {busy} running elsewhere")
     grace_end = time.time() + 2 * args.heartbeat + 1
     if done < args.trials <= done + busy:
-        print(f"waiting up to {2 * args.heartbeat + 1} s for {busy} running trial(s): another worker's, or a "
-              "killed run's (failed and re-queued once its heartbeat is stale)", flush=True)
+        log(f"waiting up to {2 * args.heartbeat + 1} s for {busy} running trial(s): another worker's, or a "
+            "killed run's (failed and re-queued once its heartbeat is stale)")
     while done < args.trials <= done + busy and time.time() < grace_end:
         time.sleep(1)
         fail_stale(study, None)
         done, busy = finished(study), running(study)
-    interrupted = False
+
+
+def optimize(study, args, objective, lock: StudyLock, callbacks: TrialCallbacks) -> bool:
+    """Run trials until the study has --trials (counting other workers' running ones) or --timeout passes;
+    a trial that runs out of GPU memory fails alone. True when interrupted (Ctrl-C)."""
+    import torch
+
     try:
         lock.acquire()
         done, busy = finished(study), running(study)
         if done >= args.trials:
-            print(f"the study already has {done} finished trials (--trials {args.trials}): nothing to run")
+            log(f"the study already has {done} finished trials (--trials {args.trials}): nothing to run")
         elif done + busy >= args.trials:
-            print(f"nothing to start: {done} finished + {busy} running elsewhere >= {args.trials}")
+            log(f"nothing to start: {done} finished + {busy} running elsewhere >= {args.trials}")
         else:
             study.optimize(objective, timeout=args.timeout or None, catch=(torch.OutOfMemoryError,),
-                           callbacks=[report, fail_stale, next_or_stop])
+                           callbacks=callbacks.all())
     except KeyboardInterrupt:
-        interrupted = True
+        return True
     finally:
         lock.close()
-    fail_stale(study, None)
-    best = write_outputs(study, args.model, args.profile, args, space, fixed, storage_url, time.time() - t0,
-                         base["representation"])
+    return False
+
+
+def summarize(study, args, search: Search, storage_url: str, wall: float, interrupted: bool) -> int:
+    """Write study.json and best_config.toml, say where they are; the exit code: 0, 1 with no complete trial,
+    130 when interrupted."""
+    best = write_outputs(study, args.model, args.profile, args, search.space, search.fixed, storage_url, wall,
+                         search.base["representation"])
     d = tune_dir(args.model)
     if best is None:
-        print(f"no complete trial yet; wrote {d / 'study.json'}")
+        log(f"no complete trial yet; wrote {d / 'study.json'}")
         return 130 if interrupted else 1
-    print(f"best: trial {best['number']}, val macro AUC {best['value']:.4f}; wrote {config_mod.tuned_path(args.model)} "
-          f"and {d / 'study.json'} ({finished(study)}/{args.trials} finished, {time.time() - t0:.0f} s)")
+    log(f"best: trial {best['number']}, val macro AUC {best['value']:.4f}; wrote {config_mod.tuned_path(args.model)} "
+        f"and {d / 'study.json'} ({finished(study)}/{args.trials} finished, {wall:.0f} s)")
     busy = running(study)
     if busy:
-        print(f"{busy} trial(s) still running in other workers: best_config.toml is provisional until "
-              "the last worker stops")
+        log(f"{busy} trial(s) still running in other workers: best_config.toml is provisional until "
+            "the last worker stops")
     if interrupted:
-        print("interrupted: rerun the same command to continue the study")
+        log("interrupted: rerun the same command to continue the study")
         return 130
     return 0
 

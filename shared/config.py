@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from shared.paths import REPO_ROOT
+from shared.paths import REPO_ROOT, tune_dir
 
 CONFIG_DIR = REPO_ROOT / "models" / "configs"
 PROFILES = ("quick", "cpu", "full")
@@ -22,9 +22,7 @@ def config_path(model: str) -> Path:
 
 
 def tuned_path(model: str) -> Path:
-    from shared.paths import artifacts_root
-
-    return artifacts_root() / "tune" / model / "best_config.toml"
+    return tune_dir(model) / "best_config.toml"
 
 
 def parse_value(text: str):
@@ -33,6 +31,17 @@ def parse_value(text: str):
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set KEY=VALUE` items → {KEY: parsed VALUE}, later items winning; ValueError names an item without '='."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(value.strip())
+    return overrides
 
 
 def parse_ranges(text: str) -> list[int]:

@@ -33,3 +33,8 @@ def eval_dir(root: Path | None = None) -> Path:
 
 def report_dir(root: Path | None = None) -> Path:
     return (root or artifacts_root()) / "report"
+
+
+def tune_dir(model: str, root: Path | None = None) -> Path:
+    """<artifacts>/tune/<model>: a model's Optuna study, its trial runs and best_config.toml."""
+    return (root or artifacts_root()) / "tune" / model

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from shared import representations
 from shared.metrics import macro_auc, per_class_auc
+from shared.progress import bar
 
 
 def random_crop(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -100,12 +101,11 @@ CPU_WINDOWS_PER_FORWARD = 64
 @torch.no_grad()
 def predict_batches(model, loader, adapter: InputAdapter, device, amp: bool = False, progress: bool = False,
                     desc: str = "eval"):
-    """Sigmoid probabilities averaged over sliding windows, and the labels: (N×5, N×5) numpy."""
-    from tqdm import tqdm
-
+    """Sigmoid probabilities averaged over sliding windows, and the labels: (N×5, N×5) numpy. progress: a bar on a
+    terminal (shared.progress)."""
     model.eval()
     probs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for x, y in bar(loader, desc, enabled=progress):
         inputs, n_win = adapter.eval_inputs(x)
         step = len(inputs) if device.type == "cuda" else CPU_WINDOWS_PER_FORWARD
         with autocast(device, amp):
@@ -137,14 +137,12 @@ def predict_dataset(model, dataset, adapter: InputAdapter, chunk: int = CPU_WIND
                     progress: bool = False, desc: str = "eval", channels_last: bool = False):
     """Like predict_batches, but every forward sees exactly `chunk` windows (the last chunk padded), so a
     compiled or exported model never meets a new shape. Returns (probs N×5, labels N×5) numpy."""
-    from tqdm import tqdm
-
     if hasattr(model, "eval"):
         model.eval()
     x, y = dataset.__getitems__(range(len(dataset)))
     inputs, n_win = adapter.eval_inputs(x)
     outs = []
-    for start in tqdm(range(0, len(inputs), chunk), desc=desc, leave=False, disable=not progress):
+    for start in bar(range(0, len(inputs), chunk), desc, enabled=progress):
         part = inputs[start:start + chunk]
         n = len(part)
         if n < chunk:
