@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     root = args.compressed or compressed_dir() / run.name
     try:
         fp32, cfg, run_metrics = open_run(run)
-        cache = open_cache(args.data or data_cache_dir(cfg.get("sampling_rate", 100)))
+        cache = open_cache(args.data or data_cache_dir(cfg["sampling_rate"]))
     except (FileNotFoundError, ValueError, CacheError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2

@@ -281,7 +281,7 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     if not todo:
         return results
     torch_model, cfg = load_run(run_dir)
-    cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
+    cache = open_cache(data_dir or data_cache_dir(cfg["sampling_rate"]))
     adapter = InputAdapter(cfg, cache.sampling_rate)
     if batches is None:
         batches = QUICK_MAX_BATCHES if cfg.get("profile") == "quick" else CALIBRATION_BATCHES

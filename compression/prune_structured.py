@@ -315,7 +315,7 @@ def finetune(model: nn.Module, teacher: nn.Module, cfg: dict, cache, adapter: In
             with torch.no_grad():
                 t = teacher(inputs).float() if alpha > 0 else None
             losses.append(train_step(model, opt, lambda s, target: kd_loss(s, t, target, alpha, temperature),
-                                     inputs, y, torch.device("cpu"), False, cfg.get("grad_clip", 1.0)))
+                                     inputs, y, torch.device("cpu"), False, cfg["grad_clip"]))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
     bar.close()
@@ -432,7 +432,7 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     run_cfg = cfg
     if seed is not None:  # the fine-tune's shuffles and crops (and Taylor's batches); the network is the run's
         cfg = dict(cfg, seed=seed)
-    cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
+    cache = open_cache(data_dir or data_cache_dir(cfg["sampling_rate"]))
     adapter = InputAdapter(cfg, cache.sampling_rate)
     quick = cfg.get("profile") == "quick"
     root = (out_root or compressed_dir()) / run_dir.name

@@ -192,7 +192,7 @@ def evaluate_artifact(item: dict, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP
     t0 = time.time()
     path, variant = Path(item["path"]), item["variant"]
     model, cfg, info = load_artifact(path, variant)
-    cache = open_cache(data_dir or cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
+    cache = open_cache(data_dir or cfg.get("data") or data_cache_dir(cfg["sampling_rate"]))
     adapter = InputAdapter(cfg, cache.sampling_rate)
     preds = {}
     for split in ("val", "test"):
@@ -249,7 +249,7 @@ def evaluate_on_folder(item: dict, folder: Path, folds: list[int] | None, ids: l
     path, variant = Path(item["path"]), item["variant"]
     model, cfg, _ = load_artifact(path, variant)
     thresholds, threshold_source = _validation_thresholds(item, model, cfg)
-    fs = cfg.get("sampling_rate", 100)
+    fs = cfg["sampling_rate"]
     x, y, ecg_ids, problems = load_ptbxl_folder(folder, fs, folds, ids)
     probs, labels = predict_dataset(model, ArrayDataset(normalize(x, cfg), y), InputAdapter(cfg, fs), chunk=64)
     from shared.labels import CLASSES
@@ -275,7 +275,7 @@ def _validation_thresholds(item: dict, model, cfg) -> tuple[np.ndarray, str]:
     from shared.cache import open_cache
     from shared.dataset import ECGDataset
 
-    cache = open_cache(cfg.get("data") or data_cache_dir(cfg.get("sampling_rate", 100)))
+    cache = open_cache(cfg.get("data") or data_cache_dir(cfg["sampling_rate"]))
     print(f"{why}; tuning them on the validation fold of {cache.root}", file=sys.stderr)
     probs, labels = predict_dataset(model, ECGDataset(cache, "val"), InputAdapter(cfg, cache.sampling_rate))
     return M.tune_thresholds(labels, probs), f"tuned now on the validation fold of {cache.root}"

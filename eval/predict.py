@@ -48,9 +48,9 @@ class Predictor:
             self.model, self.cfg, self.info = load_variant(artifact, compiled=compiled)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(f"{artifact}: not a loadable model artifact ({first_line(e)})") from None
-        self.fs = int(self.cfg.get("sampling_rate", 100))
+        self.fs = int(self.cfg["sampling_rate"])
         self.adapter = InputAdapter(self.cfg, self.fs)
-        self.min_seconds = self.cfg.get("crop_seconds", 10.0)
+        self.min_seconds = self.cfg["crop_seconds"]
         self.thresholds, self.threshold_source = thresholds_for(artifact)
         # Resolve the training normalization once (older runs read it from the cache manifest): fails here, not
         # per record, when it is missing.

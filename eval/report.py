@@ -19,6 +19,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
+from shared.config import with_defaults
 from shared.io import first_line, library_versions, read_json, write_bytes_atomic, write_text_atomic
 from shared.paths import artifacts_root, data_cache_dir, eval_dir, report_dir, runs_dir
 from shared.results import (COLLAPSE_AUC, DEPLOY_AUC_BUDGET, deploy_choice, paired_test_difference,
@@ -78,9 +79,9 @@ def run_table() -> list[dict]:
     rows = []
     for m in sorted(runs_dir().glob("*/metrics.json")):
         d = read_json(m)
-        cfg = read_json(m.parent / "config.json")
+        cfg = with_defaults(read_json(m.parent / "config.json"))
         rows.append({"run": m.parent.name, "model": cfg["model"], "representation": cfg["representation"],
-                     "profile": cfg.get("profile"), "config": cfg.get("config", "default"), "seed": cfg.get("seed", 0),
+                     "profile": cfg.get("profile"), "config": cfg["config"], "seed": cfg["seed"],
                      "val": d["val"]["macro_auc"], "test": d["test"]["macro_auc"],
                      "train_s": d.get("train_seconds"), "teacher": cfg.get("teacher") or None})
     return rows

@@ -42,6 +42,7 @@ from shared.distill import (TeacherChanged, check_settings, load_teacher, studen
                             teacher_logits)
 from shared.io import (UnsafeCheckpoint, library_versions, load_checkpoint, load_weights, read_json,
                        save_checkpoint, save_weights, write_json_atomic)
+from shared.runs import read_config
 from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters
 from shared.paths import data_cache_dir, runs_dir
 from shared.progress import bar, log, postfix
@@ -53,7 +54,7 @@ def run_name(cfg: dict) -> str:
     so extra seeds of a run (`--set seed=1`) and a distilled twin (-kd) sit beside it instead of replacing it."""
     suffix = "" if cfg["config"] == "default" else f"-{Path(cfg['config']).stem}"
     kd = "-kd" if cfg.get("teacher") else ""
-    seed = f"-seed{cfg['seed']}" if cfg.get("seed", 0) != 0 else ""
+    seed = f"-seed{cfg['seed']}" if cfg["seed"] != 0 else ""
     return f"{cfg['model']}-{cfg['representation']}-{cfg['profile']}{suffix}{kd}{seed}"
 
 
@@ -63,14 +64,14 @@ def config_hash(cfg: dict) -> str:
 
 
 def lr_lambda(cfg: dict, steps_per_epoch: int):
-    warmup = max(1, int(cfg.get("warmup_epochs", 1) * steps_per_epoch))
+    warmup = max(1, int(cfg["warmup_epochs"] * steps_per_epoch))
     total = max(warmup + 1, cfg["epochs"] * steps_per_epoch)
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / (total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.get("schedule", "cosine") == "cosine" else 1.0
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg["schedule"] == "cosine" else 1.0
     return f
 
 
@@ -149,7 +150,7 @@ def train(cfg: dict, out: Path, data_dir: Path, resume: bool, progress: bool = T
 
     clock = Throughput()
     best_val = None  # the best epoch's validation output, when this process computed it (not across a resume)
-    while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg.get("patience", 10**9):
+    while state["epoch"] < cfg["epochs"] and state["bad_epochs"] < cfg["patience"]:
         epoch, t_epoch = state["epoch"], time.perf_counter()
         losses, teacher_s = run_epoch(cfg, epoch, data, learner, rank, clock,
                                       desc=f"{out.name} epoch {epoch + 1}/{cfg['epochs']}",
@@ -187,7 +188,7 @@ def build_data(cfg: dict, data_dir: Path, rank: int, world: int) -> Data:
                                  drop_last=True)
     per_rank_batch = max(1, cfg["batch_size"] // world)
     train_loader = make_loader(train_ds, per_rank_batch, sampler=sampler, drop_last=True)
-    val_loader = make_loader(val_ds, cfg.get("eval_batch_size", 64))
+    val_loader = make_loader(val_ds, cfg["eval_batch_size"])
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:  # drop_last with fewer records than one batch: the loss would be NaN, silently
         raise NoFullBatch(f"{data_dir}: {len(train_ds)} training records over {world} process(es) make no full batch "
@@ -202,8 +203,8 @@ def build_learner(cfg: dict, data: Data, device: torch.device, world: int) -> Le
     and the loss, AMP and channels-last as the config asks."""
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], cfg["representation"], data.adapter.crop, num_classes=len(data.cache.classes),
-                        pretrained=cfg.get("pretrained", False), drop_path_rate=cfg.get("drop_path_rate", 0.0),
-                        drop_rate=cfg.get("drop_rate", 0.0), **architecture_kwargs(cfg)).to(device)
+                        pretrained=cfg["pretrained"], drop_path_rate=cfg["drop_path_rate"],
+                        drop_rate=cfg["drop_rate"], **architecture_kwargs(cfg)).to(device)
     params = count_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, data.steps_per_epoch))
@@ -214,8 +215,8 @@ def build_learner(cfg: dict, data: Data, device: torch.device, world: int) -> Le
 
     # AMP on CUDA; bf16 autocast on CPU only where a config asks: on this 2-core AVX-512 CPU it made
     # these small models 2-3x slower (docs/benchmarks.md)
-    amp = bool(cfg.get("amp_cuda", True)) if device.type == "cuda" else bool(cfg.get("bf16_cpu", False))
-    channels_last = bool(cfg.get("channels_last", False)) and cfg["representation"] != "signal"
+    amp = bool(cfg["amp_cuda"]) if device.type == "cuda" else bool(cfg["bf16_cpu"])
+    channels_last = bool(cfg["channels_last"]) and cfg["representation"] != "signal"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if (amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()) \
@@ -227,7 +228,8 @@ def build_learner(cfg: dict, data: Data, device: torch.device, world: int) -> Le
 def start_or_resume(out: Path, data: Data, learner: Learner, chash: str, resume: bool, main_proc: bool) -> dict:
     """The training state: last.pt's (model, optimizer and schedule restored) when resuming a run of the same config;
     otherwise a fresh one holding the untrained model's val AUC (the baseline learning must beat), log.jsonl reset."""
-    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
+    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0,
+             "teacher_seconds": 0.0}
     last_path = out / "last.pt"
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
@@ -244,7 +246,6 @@ def start_or_resume(out: Path, data: Data, learner: Learner, chash: str, resume:
             (out / "log.jsonl").unlink(missing_ok=True)
         probs, labels = predict_batches(learner.model, data.val_loader, data.adapter, learner.device, learner.amp)
         state["untrained_val_auc"] = scores(labels, probs, data.cache.classes)["macro_auc"]
-    state.setdefault("teacher_seconds", 0.0)  # last.pt of runs from before distillation lacks it
     return state
 
 
@@ -268,7 +269,7 @@ def run_epoch(cfg: dict, epoch: int, data: Data, learner: Learner, rank: int, cl
             soft = teacher_targets(learner, crop)
             teacher_s += time.perf_counter() - t1
         losses.append(train_step(learner.ddp_model, learner.optimizer, learner.loss_fn, inputs, (y, soft),
-                                 learner.device, learner.amp, cfg.get("grad_clip", 0), learner.scaler))
+                                 learner.device, learner.amp, cfg["grad_clip"], learner.scaler))
         learner.scheduler.step()
         t2 = time.perf_counter()
         clock.data_s += t1 - t0
@@ -355,7 +356,7 @@ def finish(cfg: dict, out: Path, data_dir: Path, data: Data, learner: Learner, s
     arrays, test = {"val_probs": val_probs, "val_labels": val_labels}, {}
     if evaluate_test:
         test_ds = ECGDataset(data.cache, "test")  # first and only look at the test fold
-        test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg.get("eval_batch_size", 64)),
+        test_probs, test_labels = predict_batches(model, make_loader(test_ds, cfg["eval_batch_size"]),
                                                   adapter, device, amp)
         arrays.update(test_probs=test_probs, test_labels=test_labels)
         test = {"test": scores(test_labels, test_probs, data.cache.classes)}
@@ -441,7 +442,7 @@ def changed_keys(saved_config: Path, cfg: dict) -> list[str]:
     if not saved_config.exists():
         return []
     try:
-        saved = read_json(saved_config)
+        saved = config_mod.with_defaults(read_json(saved_config))  # a key it leaves out had its default value then too
     except (OSError, ValueError):
         return ["config.json (unreadable)"]
     return sorted(k for k, v in cfg.items() if saved.get(k) != v and (k in saved or v not in ({}, [], None)))
@@ -496,7 +497,7 @@ def teacher_names(value) -> list[str]:
 
 def train_command(model: str, cfg: dict) -> str:
     """The make command that trains `model` with the student's profile, seed and config."""
-    seed = f" SEED={cfg['seed']}" if cfg.get("seed", 0) else ""
+    seed = f" SEED={cfg['seed']}" if cfg["seed"] else ""
     config = "" if cfg["config"] == "default" else f" CONFIG={cfg['config']}"
     return f"make train-{model} PROFILE={cfg['profile']}{seed}{config}"
 
@@ -510,7 +511,7 @@ def teacher_folder(name: str, cfg: dict) -> Path:
     if name == cfg["model"]:
         raise TeacherError(f"teacher {name} is the student itself; distil from another model")
     try:
-        tcfg = config_mod.resolve(name, cfg["profile"], None, cfg["config"], {"seed": cfg.get("seed", 0)})
+        tcfg = config_mod.resolve(name, cfg["profile"], None, cfg["config"], {"seed": cfg["seed"]})
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise TeacherError(f"teacher {name}: {e}") from None
     return runs_dir() / run_name(tcfg)
@@ -520,8 +521,8 @@ def teacher_mismatches(tcfg: dict, cfg: dict, data_dir: Path) -> list[str]:
     """What makes a teacher's run another experiment than the student's: cache, its statistics, profile, seed, rate."""
     norm = training_normalization(data_dir).get("normalization")
     pairs = {"data cache": (str(Path(tcfg.get("data", "?")).resolve()), str(Path(data_dir).resolve())),
-             "profile": (tcfg.get("profile"), cfg["profile"]), "seed": (tcfg.get("seed", 0), cfg.get("seed", 0)),
-             "sampling rate": (tcfg.get("sampling_rate", 100), cfg.get("sampling_rate", 100)),
+             "profile": (tcfg.get("profile"), cfg["profile"]), "seed": (tcfg["seed"], cfg["seed"]),
+             "sampling rate": (tcfg["sampling_rate"], cfg["sampling_rate"]),
              "cache statistics": ("other" if tcfg.get("normalization", norm) != norm else "same", "same")}
     return [f"{k} {t} vs the student's {s}" for k, (t, s) in pairs.items() if t != s]
 
@@ -531,7 +532,7 @@ def check_teacher(name: str, run: Path, cfg: dict, data_dir: Path) -> None:
         how = f"train it first: {train_command(name, cfg)}" if name in MODELS else "name a finished training run"
         raise TeacherError(f"teacher {name}: no finished run at {run}; {how}")
     try:
-        tcfg = read_json(run / "config.json")
+        tcfg = read_config(run)
     except (OSError, ValueError) as e:
         raise TeacherError(f"teacher {run}: unreadable config.json ({e})") from None
     if tcfg.get("model") == cfg["model"]:
@@ -545,8 +546,8 @@ def check_teacher(name: str, run: Path, cfg: dict, data_dir: Path) -> None:
 def probe_teacher(runs: list[dict], cfg: dict) -> None:
     """Load the teacher and score a zero batch of the student's crop length, so an unloadable teacher or one that
     takes only its own crop length (a ViT's fixed patch grid) fails now, in one line."""
-    fs = int(cfg.get("sampling_rate", 100))
-    n = int(round(cfg.get("crop_seconds", 10.0) * fs))
+    fs = int(cfg["sampling_rate"])
+    n = int(round(cfg["crop_seconds"] * fs))
     try:
         out = load_teacher(runs, fs)(torch.zeros(2, 12, n))
     except Exception as e:  # noqa: BLE001 - any failure of a teacher is its own one-line error
@@ -560,7 +561,7 @@ def probe_teacher(runs: list[dict], cfg: dict) -> None:
 def resolve_teachers(cfg: dict, data_dir: Path) -> list[dict]:
     """[{name, run, sha256}] of the finished, matching teacher runs `cfg["teacher"]` names (TeacherError if not):
     what config.json records, and what train() loads."""
-    from shared.artifacts import checkpoint_sha256
+    from shared.runs import checkpoint_sha256
 
     check_settings(cfg)
     runs = []
@@ -582,7 +583,7 @@ def main(argv=None) -> int:
     try:
         overrides = config_mod.parse_overrides(args.set)
         cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
-        data_dir = args.data or data_cache_dir(cfg.get("sampling_rate", 100))
+        data_dir = args.data or data_cache_dir(cfg["sampling_rate"])
         if cfg.get("teacher"):  # checked before anything is written
             cfg["teacher_runs"] = resolve_teachers(cfg, data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -530,7 +530,7 @@ def prepare_search(args) -> Search:
     if not space:
         raise TuneError("every [search] key is fixed by --set: nothing to tune")
     rep_keys = tomllib.loads(config_mod.config_path(args.model).read_text()).get("representations", {})
-    data_dir = args.data or data_cache_dir(base.get("sampling_rate", 100))
+    data_dir = args.data or data_cache_dir(base["sampling_rate"])
 
     from shared.cache import CacheError, open_cache
 

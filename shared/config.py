@@ -17,6 +17,38 @@ MODEL_REPRESENTATIONS = {"vit": _TRANSFORMER, "deit": _TRANSFORMER, "effnetv2": 
                          "resnet1d_wang": _1D, "xresnet1d101": _1D, "xresnet1d50": _1D, "xresnet1d_small": _1D}
 
 
+# The one table of defaults: the value of every key a model's TOML (or a run's config.json) may leave out. resolve()
+# and shared.runs.read_config fill them in, so code reads cfg["key"] and never carries a fallback of its own.
+DEFAULTS = {
+    "sampling_rate": 100,          # Hz of the cache the model trains on (100 or 500)
+    "seed": 0,
+    "crop_seconds": 10.0,          # training crop; PTB-XL records are 10 s
+    "eval_stride_seconds": None,   # stride of the evaluation windows; None: half a crop
+    "eval_batch_size": 64,
+    "schedule": "cosine",
+    "warmup_epochs": 1,
+    "patience": 10**9,             # epochs without a better val AUC before stopping; 10**9: never
+    "grad_clip": 1.0,              # max gradient norm (0: none), training and every compression fine-tune
+    "label_smoothing": 0.0,
+    "drop_rate": 0.0,
+    "drop_path_rate": 0.0,
+    "pretrained": False,           # false, true (Hugging Face hub) or a weights file
+    "row_repeat": 8,               # rows representation: pixel rows per lead
+    "patch_samples": 10,           # leads representation: samples per patch
+    "channels_last": False,        # CNN memory format (training and inference)
+    "bf16_cpu": False,
+    "amp_cuda": True,
+    "teacher": None,               # distillation (shared/distill.py): a model name, a,b, or a run folder
+    "kd_alpha": 0.5,               # weight of the teacher's term
+    "kd_temperature": 2.0,
+    "kd_mode": "soft",             # soft | hard
+}
+
+
+def with_defaults(cfg: dict) -> dict:
+    return {**DEFAULTS, **cfg}
+
+
 def config_path(model: str) -> Path:
     return CONFIG_DIR / f"{model}.toml"
 
@@ -90,7 +122,7 @@ def resolve(model: str, profile: str = "cpu", representation: str | None = None,
     reps, profiles = raw.pop("representations", {}), raw.pop("profiles", {})
     raw.pop("search", None)  # the tuner's search space (search_space()), not a training key
     raw.pop("search_distill", None)
-    cfg = dict(raw)
+    cfg = with_defaults(raw)
     tuned = {}
     if config == "tuned":
         tp = tuned_path(model)

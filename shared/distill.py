@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KD_ALPHA = 0.5
-KD_TEMPERATURE = 2.0
+from shared.config import DEFAULTS
+
+KD_ALPHA, KD_TEMPERATURE = DEFAULTS["kd_alpha"], DEFAULTS["kd_temperature"]
 KD_MODES = ("soft", "hard")
 
 
@@ -59,8 +60,8 @@ def teacher_logits(teacher: torch.nn.Module, inputs: torch.Tensor) -> torch.Tens
 
 def check_settings(cfg: dict) -> None:
     """kd_alpha in [0, 1], kd_temperature > 0, kd_mode soft | hard (ValueError, one line)."""
-    alpha, temp = cfg.get("kd_alpha", KD_ALPHA), cfg.get("kd_temperature", KD_TEMPERATURE)
-    mode = cfg.get("kd_mode", "soft")
+    alpha, temp = cfg["kd_alpha"], cfg["kd_temperature"]
+    mode = cfg["kd_mode"]
     if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"kd_alpha = {alpha!r}: must be a number in [0, 1]")
     if not isinstance(temp, (int, float)) or not temp > 0:
@@ -72,9 +73,8 @@ def check_settings(cfg: dict) -> None:
 def student_loss(cfg: dict):
     """The training loss of a config: targets are (labels, teacher logits or None), labels smoothed as the
     config asks; without a teacher it is BCE on the labels."""
-    smoothing = float(cfg.get("label_smoothing", 0.0))
-    kd = WithTeacher(cfg.get("kd_alpha", KD_ALPHA), cfg.get("kd_temperature", KD_TEMPERATURE),
-                     cfg.get("kd_mode", "soft"))
+    smoothing = float(cfg["label_smoothing"])
+    kd = WithTeacher(cfg["kd_alpha"], cfg["kd_temperature"], cfg["kd_mode"])
 
     def loss_fn(logits, targets):
         labels, teacher = targets

@@ -287,7 +287,7 @@ def time_only_kernels(model: nn.Module) -> nn.Module:
 
 def architecture_kwargs(cfg: dict) -> dict:
     """The build_model arguments of a resolved config that shape the network (and so its state dict)."""
-    return dict(arch=cfg.get("arch"), patch_samples=cfg.get("patch_samples", 10), row_repeat=cfg.get("row_repeat", 8),
+    return dict(arch=cfg.get("arch"), patch_samples=cfg["patch_samples"], row_repeat=cfg["row_repeat"],
                 stem_patch=cfg.get("stem_patch"), timm_kwargs=cfg.get("timm_kwargs"))
 
 

@@ -36,7 +36,7 @@ def normalization(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
         from shared.paths import data_cache_dir
 
         candidates = [Path(cfg["data"]) / "manifest.json"] if cfg.get("data") else []
-        candidates.append(data_cache_dir(cfg.get("sampling_rate", 100)) / "manifest.json")
+        candidates.append(data_cache_dir(cfg["sampling_rate"]) / "manifest.json")
         found = next((p for p in candidates if p.exists()), None)
         if found is None:
             raise InputError(f"{candidates[0]}: the model's training normalization is unknown (no config copy and "

@@ -12,8 +12,16 @@ from shared.nets import architecture_kwargs, build_model
 from shared.paths import runs_dir
 
 
-def build_from_config(cfg: dict, sampling_rate: int = 100) -> nn.Module:
-    n_samples = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
+def read_config(run_dir: str | Path) -> dict:
+    """A run's config.json with shared.config's defaults for the keys it leaves out."""
+    from shared.config import with_defaults
+
+    return with_defaults(read_json(Path(run_dir) / "config.json"))
+
+
+def build_from_config(cfg: dict) -> nn.Module:
+    """The network a config describes, with freshly initialized weights."""
+    n_samples = int(round(cfg["crop_seconds"] * cfg["sampling_rate"]))
     return build_model(cfg["model"], cfg["representation"], n_samples, **architecture_kwargs(cfg))
 
 
@@ -42,8 +50,8 @@ def training_run(path: str | Path) -> Path:
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     """(fp32 model in eval mode, resolved training config) from a training run folder."""
     run_dir = Path(run_dir)
-    cfg = read_json(run_dir / "config.json")
-    model = build_from_config(cfg, cfg.get("sampling_rate", 100))
+    cfg = read_config(run_dir)
+    model = build_from_config(cfg)
     model.load_state_dict(load_weights(run_dir / "best.safetensors"))
     return model.eval(), cfg
 

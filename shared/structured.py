@@ -104,7 +104,7 @@ def rebuild(cfg: dict, shapes: dict, source: str = SHAPES_FILE) -> nn.Module:
     """The run's architecture (build_from_config) with the layers in `shapes` resized; weights uninitialised."""
     from shared.runs import build_from_config
 
-    return resize(build_from_config(cfg, cfg.get("sampling_rate", 100)), shapes, source)
+    return resize(build_from_config(cfg), shapes, source)
 
 
 def save_structured(directory: str | Path, model: nn.Module, cfg: dict) -> dict:
@@ -112,7 +112,7 @@ def save_structured(directory: str | Path, model: nn.Module, cfg: dict) -> dict:
     from shared.runs import build_from_config
 
     directory = Path(directory)
-    reference = build_from_config(cfg, cfg.get("sampling_rate", 100))
+    reference = build_from_config(cfg)
     shapes = module_shapes(model, reference)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_weights(directory / WEIGHTS_FILE, state)

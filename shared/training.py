@@ -48,10 +48,10 @@ class InputAdapter:
     """Crop length, window stride and representation of a config, applied to raw 12×T batches."""
 
     def __init__(self, cfg: dict, sampling_rate: int):
-        self.crop = int(round(cfg.get("crop_seconds", 10.0) * sampling_rate))
-        self.stride = int(round(cfg.get("eval_stride_seconds", cfg.get("crop_seconds", 10.0) / 2) * sampling_rate))
+        self.crop = int(round(cfg["crop_seconds"] * sampling_rate))
+        self.stride = int(round((cfg["eval_stride_seconds"] or cfg["crop_seconds"] / 2) * sampling_rate))
         self.representation = cfg["representation"]
-        self.rep_kwargs = {"row_repeat": cfg.get("row_repeat", 8)} if self.representation == "rows" else {}
+        self.rep_kwargs = {"row_repeat": cfg["row_repeat"]} if self.representation == "rows" else {}
 
     def train_crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The raw (normalized) B×12×crop training window: a teacher takes it through its own representation."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from shared.io import read_json
-from shared.runs import build_from_config, channels_last_if_configured, load_run
+from shared.runs import build_from_config, channels_last_if_configured, load_run, read_config
 
 
 def variant_is_current(variant_dir: Path, run_dir: Path, checkpoint_sha: str) -> bool:
@@ -44,18 +44,18 @@ def load_variant(variant_dir: str | Path, compiled: bool = False) -> tuple[nn.Mo
         return channels_last_if_configured(model, cfg), cfg, {"method": "fp32", "run": str(variant_dir)}
     info = read_json(variant_dir / "variant.json")
     run = Path(info["run"])
-    cfg = read_json(run / "config.json")
+    cfg = read_config(run)
     method = info["method"]
     if method == "pruned":
         from shared.formats.sparse import load_sparse
 
-        model = build_from_config(cfg, cfg.get("sampling_rate", 100))
+        model = build_from_config(cfg)
         model.load_state_dict(load_sparse(variant_dir / info["artifact"]))
         return channels_last_if_configured(model.eval(), cfg), cfg, info
     if method == "dynamic":
         from shared.formats.dynamic_int8 import load_dynamic
 
-        model = build_from_config(cfg, cfg.get("sampling_rate", 100))
+        model = build_from_config(cfg)
         return channels_last_if_configured(load_dynamic(variant_dir / info["artifact"], model), cfg), cfg, info
     if method == "structured":  # a narrower dense network: the run's architecture resized by shapes.json
         from shared.structured import load_structured

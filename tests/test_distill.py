@@ -166,9 +166,15 @@ def test_make_trains_the_teachers_first_then_the_student_with_them(tmp_path):
         assert "teacher" not in call and "rows" not in call and "lr=" not in call
     assert "--model vit" in trains[2] and trains[2].endswith("--set teacher=resnet1d_wang,xresnet1d101")
     rc, calls = run_make(tmp_path, "seeds-deit", "TEACHER=resnet1d_wang", "SEEDS=1 2", "NO_DATA=1")
-    trains = [c for c in calls if "models.train" in c]
+    trains = [c for c in calls if "models.train" in c]  # the teacher's seeds 0, 1, 2, then the student's (seed 0 too)
     assert rc == 0 and [("--model resnet1d_wang" in c, "teacher=resnet1d_wang" in c) for c in trains] == \
-        [(True, False), (True, False), (False, True), (False, True)]
+        [(True, False)] * 3 + [(False, True)] * 3
+    rc, calls = run_make(tmp_path, "seeds-all", "TEACHER=resnet1d_wang", "SEEDS=1", "NO_DATA=1")
+    trains = [c for c in calls if "models.train" in c]  # only the 2-D students learn, from the teacher's seed
+    students = [c for c in trains if "teacher=resnet1d_wang" in c]
+    assert rc == 0 and len(trains) == 2 + 4 * 2 and "--model resnet1d_wang" in trains[0]
+    assert sorted(c.split("--model ")[1].split()[0] for c in students) == sorted(["vit", "deit", "effnetv2",
+                                                                                     "convnext"] * 2)
     rc, calls = run_make(tmp_path, "quantize-vit", "TEACHER=resnet1d_wang")
     assert rc == 0 and "--kd" in calls[0]
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_module
+from shared.config import with_defaults
 from shared.formats.dynamic_int8 import quantize_dynamic
 from shared.runs import build_from_config, checkpoint_sha256, load_run
 from shared.variants import load_variant
@@ -103,7 +104,7 @@ def test_every_family_prunes_to_target_and_rebuilds(family, tmp_path):
     from shared.structured import load_structured, save_structured
 
     rep, extra = FAMILIES[family]
-    cfg = {"model": family, "representation": rep, "crop_seconds": 1.0, "sampling_rate": 100, **extra}
+    cfg = with_defaults({"model": family, "representation": rep, "crop_seconds": 1.0, "sampling_rate": 100, **extra})
     torch.manual_seed(0)
     model = build_from_config(cfg).eval()
     x = torch.randn(3, 12, 100) if rep == "signal" else torch.randn(3, *input_shape(rep, 12, 100, 8))
@@ -139,7 +140,7 @@ def test_shapes_json_must_fit_the_architecture(tmp_path):
     from compression.prune_structured import prune_to_target
     from shared.structured import load_structured, save_structured
 
-    cfg = {"model": "resnet1d_wang", "representation": "signal", "crop_seconds": 1.0, "sampling_rate": 100}
+    cfg = with_defaults({"model": "resnet1d_wang", "representation": "signal", "crop_seconds": 1.0, "sampling_rate": 100})
     model = build_from_config(cfg).eval()
     prune_to_target(model, torch.randn(1, 12, 100), TARGET, steps=1, importance="magnitude", log=lambda s: None)
     save_structured(tmp_path, model, cfg)
