@@ -33,7 +33,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 
-from shared.cli import add_run_choice, chosen_run, comma_list
+from shared.cli import add_output_args, add_run_choice, chosen_run, comma_list, exit_code
 from shared.runs import checkpoint_sha256, load_run
 from shared.variants import finished_variant
 from shared.cache import open_cache
@@ -395,21 +395,15 @@ def main(argv=None) -> int:
     ap.add_argument("--activation-type", choices=("QUInt8", "QInt8"), default=ACTIVATION_TYPE,
                     help="int8 activation type (default %(default)s)")
     ap.add_argument("--no-dynamo", action="store_true", help="use the TorchScript exporter (dynamo=False)")
-    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
-    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
-    ap.add_argument("--force", action="store_true", help="redo finished variants")
+    add_output_args(ap)
     args = ap.parse_args(argv)
-    try:
+
+    def work():
         variants = comma_list(args.variants, VARIANTS)
         run = best_run(args.profile) if args.best else chosen_run(args)
         export(run, variants, args.data, args.out, args.force, args.calibration_batches, args.activation_type,
                dynamo=not args.no_dynamo, mode=args.int8)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ExportFailed:  # each failure was reported as it happened
-        return 1
-    return 0
+    return exit_code(work, already_reported=(ExportFailed,))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.cli import add_run_choice, chosen_run, comma_list
+from shared.cli import add_output_args, add_run_choice, chosen_run, comma_list, exit_code
 from shared.runs import checkpoint_sha256, load_run
 from shared.variants import artifact_bytes, finished_variant
 from shared.cache import open_cache
@@ -211,19 +211,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration-batches", type=int, default=None,
                     help=f"training batches for int8 calibration (default {CALIBRATION_BATCHES}, quick "
                          f"{QUICK_MAX_BATCHES})")
-    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
-    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
-    ap.add_argument("--force", action="store_true", help="redo finished variants")
+    add_output_args(ap)
     args = ap.parse_args(argv)
-    try:
-        variants = comma_list(args.variants, VARIANTS)
-        export(chosen_run(args), variants, args.data, args.out, args.force, args.calibration_batches)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
-    except ExportFailed:  # each failure was reported as it happened
-        return 1
-    return 0
+    return exit_code(lambda: export(chosen_run(args), comma_list(args.variants, VARIANTS), args.data, args.out,
+                                    args.force, args.calibration_batches), already_reported=(ExportFailed,))
+
 
 if __name__ == "__main__":
     sys.exit(main())

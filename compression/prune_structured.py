@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-from shared.cli import add_run_choice, chosen_run
+from shared.cli import add_output_args, add_run_choice, chosen_run
 from shared.runs import channels_last_if_configured, checkpoint_sha256, load_run
 from shared.variants import finished_variant
 from shared.cache import open_cache
@@ -587,9 +587,7 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-rounds", type=int, default=None,
                     help=f"alternating timing rounds for the speed line (default {SPEED_ROUNDS}, quick "
                          f"{QUICK_SPEED_ROUNDS})")
-    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
-    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
-    ap.add_argument("--force", action="store_true", help="redo finished variants")
+    add_output_args(ap)
     args = ap.parse_args(argv)
     if not 0 <= args.kd_alpha <= 1 or args.kd_t <= 0:
         print(f"error: --kd-alpha must be in [0, 1] and --kd-t > 0 (got {args.kd_alpha}, {args.kd_t})",

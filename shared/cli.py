@@ -39,3 +39,27 @@ def comma_list(text: str, allowed: tuple[str, ...], what: str = "variant") -> li
     if bad := [v for v in names if v not in allowed]:
         raise ValueError(f"unknown {what}(s) {bad}; choose from {allowed}")
     return names
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    """--data (the cache), --out (the variants' root) and --force, as every compression step takes them."""
+    ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
+    ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")
+    ap.add_argument("--force", action="store_true", help="redo finished variants")
+
+
+def exit_code(work, already_reported: tuple[type[Exception], ...] = ()) -> int:
+    """Run `work()`: 0 when it returns; 2 with one `error: …` line for bad input (a missing file, a bad value);
+    1 for the failures in `already_reported`, which said what went wrong as they happened."""
+    import sys
+
+    from shared.io import first_line
+
+    try:
+        work()
+    except already_reported:
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    return 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from shared.formats.runtime import RuntimeModel
 from shared.io import first_line
 
 GRAPH_OPTIMIZATION = "all"     # disable | basic | extended | all (ORT's GraphOptimizationLevel)
@@ -56,46 +56,28 @@ def session_options(threads: int, optimization: str = GRAPH_OPTIMIZATION):
     return so
 
 
-class OnnxModel:
+class OnnxModel(RuntimeModel):
     """Callable wrapper of an onnxruntime.InferenceSession (CPU): float tensor N×… → float tensor N×classes."""
+    runtime = "ONNX Runtime"
 
     def __init__(self, path: str | Path, threads: int | None = None, optimization: str = GRAPH_OPTIMIZATION):
-        self.path = Path(path)
+        super().__init__(path, threads)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: ONNX model not found")
         check_model(self.path)
-        self.threads = threads
         self.optimization = optimization
-        self._sessions: dict[int, object] = {}
-        self.session(self.threads or torch.get_num_threads())  # fail now, not at the first batch
+        self.program()  # fail now, not at the first batch
 
-    def session(self, threads: int):
-        s = self._sessions.get(threads)
-        if s is None:
-            import onnxruntime as ort
+    def compile(self, threads: int):
+        import onnxruntime as ort
 
-            try:
-                s = ort.InferenceSession(str(self.path), session_options(threads, self.optimization),
-                                         providers=["CPUExecutionProvider"])
-            except Exception as e:
-                raise ValueError(f"{self.path}: not a loadable ONNX model ({first_line(e)})") from None
-            self._sessions[threads] = s
-            self.input_name = s.get_inputs()[0].name
-            self.output_name = s.get_outputs()[0].name
+        try:
+            s = ort.InferenceSession(str(self.path), session_options(threads, self.optimization),
+                                     providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ValueError(f"{self.path}: not a loadable ONNX model ({first_line(e)})") from None
+        self.input_name, self.output_name = s.get_inputs()[0].name, s.get_outputs()[0].name
         return s
 
-    def eval(self) -> "OnnxModel":
-        return self
-
-    def train(self, mode: bool = True) -> "OnnxModel":
-        if mode:
-            raise RuntimeError("an ONNX Runtime model cannot be trained")
-        return self
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.session(self.threads or torch.get_num_threads())
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(s.run([self.output_name], {self.input_name: arr})[0])
-
-    def __repr__(self) -> str:
-        return f"OnnxModel({str(self.path)!r}, threads={self.threads or 'torch'})"
+    def run(self, session, x: np.ndarray) -> np.ndarray:
+        return session.run([self.output_name], {self.input_name: x})[0]

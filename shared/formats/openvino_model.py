@@ -1,7 +1,7 @@
 """An OpenVINO compiled model that behaves like a torch module in eval mode: tensors in, tensors out.
 
 `OpenVinoModel(path)(x)` runs an IR (`model.xml` + `model.bin`: an XML graph and raw weights, nothing that
-runs Python) on the CPU plugin. Like shared/onnx_model.py, its thread count follows torch.get_num_threads()
+runs Python) on the CPU plugin. Its thread count follows torch.get_num_threads() (shared/formats/runtime.py)
 at call time, one compiled model per thread count. Precision is pinned to f32 for the non-quantized parts:
 on CPUs with bf16 (AVX512_BF16, AMX) OpenVINO would otherwise run them in bf16 and change the numbers.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from shared.formats.runtime import RuntimeModel
 from shared.io import first_line
 
 PRECISION = "f32"          # INFERENCE_PRECISION_HINT: f32 | bf16 (only where the CPU has it natively)
@@ -23,46 +23,28 @@ def compile_config(threads: int, precision: str = PRECISION) -> dict:
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
 
 
-class OpenVinoModel:
+class OpenVinoModel(RuntimeModel):
     """Callable wrapper of an OpenVINO CompiledModel (CPU): float tensor N×… → float tensor N×classes."""
+    runtime = "OpenVINO"
 
     def __init__(self, path: str | Path, threads: int | None = None, precision: str = PRECISION):
         import openvino as ov
 
-        self.path = Path(path)
+        super().__init__(path, threads)
         if not self.path.exists() or not self.path.with_suffix(".bin").exists():
             raise FileNotFoundError(f"{self.path}: OpenVINO IR not found (model.xml and model.bin)")
-        self.threads, self.precision = threads, precision
-        self.core = ov.Core()
+        self.precision, self.core = precision, ov.Core()
         try:
             self.ir = self.core.read_model(str(self.path))
         except Exception as e:
             raise ValueError(f"{self.path}: not a loadable OpenVINO IR ({first_line(e)})") from None
-        self._compiled: dict[int, object] = {}
-        self.compiled(self.threads or torch.get_num_threads())  # fail now, not at the first batch
+        self.program()  # fail now, not at the first batch
 
-    def compiled(self, threads: int):
-        c = self._compiled.get(threads)
-        if c is None:
-            try:
-                c = self.core.compile_model(self.ir, "CPU", compile_config(threads, self.precision))
-            except Exception as e:
-                raise ValueError(f"{self.path}: OpenVINO cannot compile it for this CPU ({first_line(e)})") from None
-            self._compiled[threads] = c
-        return c
+    def compile(self, threads: int):
+        try:
+            return self.core.compile_model(self.ir, "CPU", compile_config(threads, self.precision))
+        except Exception as e:
+            raise ValueError(f"{self.path}: OpenVINO cannot compile it for this CPU ({first_line(e)})") from None
 
-    def eval(self) -> "OpenVinoModel":
-        return self
-
-    def train(self, mode: bool = True) -> "OpenVinoModel":
-        if mode:
-            raise RuntimeError("an OpenVINO model cannot be trained")
-        return self
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.compiled(self.threads or torch.get_num_threads())
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(np.asarray(c(arr)[0]).copy())
-
-    def __repr__(self) -> str:
-        return f"OpenVinoModel({str(self.path)!r}, threads={self.threads or 'torch'})"
+    def run(self, compiled, x: np.ndarray) -> np.ndarray:
+        return np.asarray(compiled(x)[0]).copy()
