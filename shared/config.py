@@ -92,16 +92,21 @@ def parse_ranges(text: str) -> list[int]:
     return out
 
 
-def search_space(model: str, distill: bool = False) -> dict:
-    """The [search] table of a model's config: {key: [choices] | {low, high[, log]}} (models/tune.py); with
-    `distill` (a teacher is set) also its [search_distill] table (kd_alpha, kd_temperature)."""
+def read_model_config(model: str) -> tuple[Path, dict]:
+    """(path, parsed TOML) of models/configs/<model>.toml; a missing or invalid file is one line naming it."""
     path = config_path(model)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config for model {model!r}")
     try:
-        raw = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML ({e})") from None
+
+
+def search_space(model: str, distill: bool = False) -> dict:
+    """The [search] table of a model's config: {key: [choices] | {low, high[, log]}} (models/tune.py); with
+    `distill` (a teacher is set) also its [search_distill] table (kd_alpha, kd_temperature)."""
+    path, raw = read_model_config(model)
     space = raw.get("search", {})
     if not space:
         raise ValueError(f"{path}: no [search] table; add one to tune {model!r}")
@@ -110,13 +115,7 @@ def search_space(model: str, distill: bool = False) -> dict:
 
 def resolve(model: str, profile: str = "cpu", representation: str | None = None, config: str = "default",
             overrides: dict | None = None) -> dict:
-    path = config_path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no config for model {model!r}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: invalid TOML ({e})") from None
+    path, raw = read_model_config(model)
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
     reps, profiles = raw.pop("representations", {}), raw.pop("profiles", {})
