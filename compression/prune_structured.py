@@ -51,6 +51,7 @@ from shared.nets import count_parameters
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured
+from shared.progress import meter
 from shared.training import InputAdapter, train_step, validation_scores
 
 # Knobs
@@ -295,8 +296,6 @@ def finetune(model: nn.Module, teacher: nn.Module, cfg: dict, cache, adapter: In
              desc: str = "fine-tune") -> float:
     """`batches` training steps (cycling the training split as needed) on random crops; the teacher sees the same
     crops. A fresh optimizer every call: pruning replaced the parameters. Returns the mean loss."""
-    from tqdm import tqdm
-
     if batches <= 0:
         return float("nan")
     loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 17 + seed,
@@ -306,7 +305,7 @@ def finetune(model: nn.Module, teacher: nn.Module, cfg: dict, cache, adapter: In
     gen = torch.Generator().manual_seed(cfg["seed"] + 23 + seed)
     teacher.eval()
     losses = []
-    bar = tqdm(total=batches, desc=desc, leave=False)
+    bar = meter(batches, desc, "batch", leave=False)
     while len(losses) < batches:
         for x, y in loader:
             if len(losses) >= batches:

@@ -152,8 +152,7 @@ def _stream_signals(entries: list, tmp: Path, sampling_rate: int, folds: dict[st
                     problems: _Problems, workers: int) -> dict:
     """Read every record and append it to tmp/signals.npy in order, hashing the bytes as they are written and
     summing the training records' per-lead moments (the normalization). Returns rows, classes and statistics."""
-    from tqdm import tqdm
-
+    from shared.progress import meter
     from shared.records import LEADS
 
     fold_to_split = {f: s for s, fs in folds.items() for f in fs}
@@ -167,8 +166,9 @@ def _stream_signals(entries: list, tmp: Path, sampling_rate: int, folds: dict[st
         results = _read_all([(e.path, sampling_rate) for e in entries], 1 if delay else workers)
         # hashed while written, on a second thread (hashlib releases the GIL): no second pass over 1 GB
         data_hash, hasher = hashlib.sha256(), ThreadPoolExecutor(1)
-        for e, result in tqdm(zip(entries, results), total=len(entries), desc=f"records {sampling_rate} Hz",
-                              unit="rec", mininterval=0.5):
+        bar = meter(len(entries), f"records {sampling_rate} Hz", "rec", mininterval=0.5)
+        for e, result in zip(entries, results):
+            bar.update()
             if result[0] == "error":
                 problems.add(e.ecg_id, result[1], result[2])
                 continue
@@ -178,6 +178,7 @@ def _stream_signals(entries: list, tmp: Path, sampling_rate: int, folds: dict[st
             if delay:
                 time.sleep(delay)
         hasher.shutdown(wait=True)
+        bar.close()
         n = len(acc["rows"])
         fsig.seek(0)
         fsig.write(_npy_header((n, len(LEADS), n_samples), np.float32, length=len(header)))

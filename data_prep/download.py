@@ -3,7 +3,7 @@
 Why not `wget -r`: PTB-XL is ~44k small files; we want parallel transfers, resume after a cut,
 a sha256 check of every file against PhysioNet's own SHA256SUMS.txt, cheap reruns, a fast and
 clear failure when offline, and a zip extraction that cannot write outside its destination.
-Only the stdlib and tqdm are used so this runs before the heavy dependencies are installed.
+Only the stdlib and tqdm (shared/progress.py) are used so this runs before the heavy dependencies are installed.
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ import zipfile
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from tqdm import tqdm
-
 from shared.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic
+from shared.progress import meter
 
 DEFAULT_BASE_URL = "https://physionet.org/files/ptb-xl/1.0.3/"
 MANIFEST = "SHA256SUMS.txt"
@@ -195,7 +194,7 @@ def fetch_ptbxl(dest: Path, sampling_rate: int, base_url: str = DEFAULT_BASE_URL
 
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(chosen), unit="file", desc=f"PTB-XL {sampling_rate} Hz") as bar:
+            meter(len(chosen), f"PTB-XL {sampling_rate} Hz", "file") as bar:
         futures = {pool.submit(_download_one, base_url, dest, sha, rel, timeout, retries, stop)
                    for sha, rel in chosen}
         fetched = 0

@@ -98,7 +98,7 @@ def make_dataset(out: Path, records: int, sampling_rates=(100,), seed: int = 0, 
     """Write the folder; records are written by wfdb itself with `wfdb_writer`, else by the faster
     byte-identical format-16 writer (the first record of each rate is always written by wfdb)."""
     import pandas as pd
-    from tqdm import tqdm
+    from shared.progress import meter
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def make_dataset(out: Path, records: int, sampling_rates=(100,), seed: int = 0, 
             jobs.append((out / (lr if fs == 100 else hr), rec_seed, classes, fs, wfdb_writer or i == 1))
     db = pd.DataFrame(rows, columns=DATABASE_COLUMNS)
     db.to_csv(out / "ptbxl_database.csv", index=False)
-    bar = tqdm(total=len(jobs), desc="writing WFDB records", unit="rec", disable=not progress)
+    bar = meter(len(jobs), "writing WFDB records", "rec", enabled=progress)
     if workers > 1 and len(jobs) > 200:
         with ProcessPoolExecutor(workers) as pool:
             for _ in pool.map(_write_record, jobs, chunksize=256):

@@ -45,6 +45,7 @@ from shared.io import (first_line, library_versions, read_json, write_bytes_atom
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
 from shared.thresholds import read_thresholds, thresholds_path, write_thresholds
 from shared.timing import time_forward
+from shared.progress import meter
 from shared.training import InputAdapter, autocast, predict_dataset
 
 # Knobs
@@ -349,8 +350,6 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
     times them one by one); the tables are rewritten after each artifact, so an interrupted run feeds the report."""
     import os
 
-    from tqdm import tqdm
-
     with_bf16, bf16_skipped = bf16_wanted(bf16)
     if bf16_skipped:
         print(f"bf16 twins of the runs {bf16_skipped}")
@@ -367,7 +366,7 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     failures = []
-    bar = tqdm(total=len(todo), desc="eval-all", unit="artifact")
+    bar = meter(len(todo), "eval-all", "artifact")
 
     def done(worker, rc):
         item = worker.item
@@ -376,9 +375,9 @@ def evaluate_all(force: bool, n_boot: int, speed: bool, only: str | None = None,
             log.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(log, worker.error_text())
             failures.append(f"{item['id']}: {exception_line(worker.error_text())} (full log: {log})")
-            tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
+            bar.write(f"error: {failures[-1]}", file=sys.stderr)
         else:
-            tqdm.write(worker.lines[-1] if worker.lines else item["id"])
+            bar.write(worker.lines[-1] if worker.lines else item["id"])
             write_tables(collect(), bf16_skipped)
         bar.update(1)
 

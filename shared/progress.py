@@ -35,3 +35,10 @@ def postfix(progress: Iterable, **values) -> None:
 def log(line: str) -> None:
     """One complete line on stdout, flushed at once so a log file follows the run as it goes."""
     print(line, flush=True)
+
+
+def meter(total: int | None, desc: str, unit: str = "it", enabled: bool = True, **kwargs):
+    """A tqdm bar to update() by hand, drawn only on a terminal (elsewhere it accepts the same calls silently)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and interactive()), **kwargs)
