@@ -36,7 +36,8 @@ from shared.io import first_line, read_json, write_json_atomic
 from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
 from shared.results import COLLAPSE_AUC, DEPLOY_AUC_BUDGET
 from shared.timing import time_forward
-from shared.training import InputAdapter, autocast, predict_dataset, scores
+from shared.inputs import InputAdapter
+from shared.prediction import autocast, predict_dataset, scores
 
 VARIANTS = ("fp32", "bf16", "prune", "structured", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8",
             "openvino_fp32", "openvino_int8", "structured_openvino_int8")

@@ -31,7 +31,12 @@ import torch
 import torch.nn as nn
 
 
-from shared import artifacts as art
+from shared.formats.compiled import COMPILED_METHODS, COMPILED_STAMP, load_compiled
+from shared.formats.dynamic_int8 import quantize_dynamic, save_dynamic
+from shared.formats.exported import save_exported
+from shared.formats.sparse import nonzero_parameters, save_sparse
+from shared.runs import channels_last_if_configured, checkpoint_sha256, find_run, load_run
+from shared.variants import finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
@@ -39,7 +44,10 @@ from shared.io import first_line, library_versions, read_json, save_weights, wri
 from shared.nets import MODELS, TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
-from shared.training import InputAdapter, calibration_inputs, train_step, validation_scores
+from shared.inputs import InputAdapter, calibration_inputs
+from shared.prediction import validation_scores
+from shared.progress import bar, meter
+from shared.training import train_step
 
 # Knobs
 METHODS = ("prune", "dynamic", "static", "qat")
@@ -67,8 +75,6 @@ def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: 
              kd_alpha: float = 0.0) -> None:
     """Fine-tune on training crops; with a teacher (the fp32 parent) the loss also distils its outputs on the
     same crops (shared.distill)."""
-    from tqdm import tqdm
-
     loader = make_loader(ECGDataset(cache, "train"), cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 17,
                          drop_last=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,16 +85,16 @@ def finetune(model: nn.Module, cfg: dict, cache, adapter: InputAdapter, epochs: 
     device = torch.device("cpu")
     for epoch in range(epochs):
         steps = min(len(loader), max_batches or len(loader))
-        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
+        progress = meter(steps, f"{desc} {epoch + 1}/{epochs}", "batch", leave=False)
         for i, (x, y) in enumerate(loader):
             if i >= steps:
                 break
             inputs = adapter.train_input(x, gen)
             targets = (y, teacher_logits(teacher, inputs)) if distil else y
-            loss = train_step(model, opt, loss_fn, inputs, targets, device, False, cfg.get("grad_clip", 1.0))
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.update()
-        bar.close()
+            loss = train_step(model, opt, loss_fn, inputs, targets, device, False, cfg["grad_clip"])
+            progress.set_postfix(loss=f"{loss:.4f}")
+            progress.update()
+        progress.close()
 
 
 # ------------------------------------------------------------------ methods
@@ -124,9 +130,9 @@ def do_prune(model, cfg, cache, adapter, out: Path, quick: bool, amount=PRUNE_AM
     sd = model.state_dict()
     pruned_total = sum(sd[k].numel() for k in sparse_keys)
     pruned_zero = sum(int((sd[k] == 0).sum()) for k in sparse_keys)
-    art.save_sparse(out / "sparse.safetensors", sd, sparse_keys)
+    save_sparse(out / "sparse.safetensors", sd, sparse_keys)
     save_weights(out / "dense.safetensors", sd)  # kept to report the dense size beside the sparse one
-    total, nonzero = art.nonzero_parameters(sd)
+    total, nonzero = nonzero_parameters(sd)
     return {"artifact": "sparse.safetensors", "amount": amount, "layers": layers, "global": global_threshold,
             "finetune_epochs": 1 if quick else FINETUNE_EPOCHS, "pruned_tensors": len(sparse_keys),
             "sparsity_in_pruned_layers": pruned_zero / pruned_total, "sparsity_overall": 1 - nonzero / total,
@@ -135,8 +141,8 @@ def do_prune(model, cfg, cache, adapter, out: Path, quick: bool, amount=PRUNE_AM
 
 
 def do_dynamic(model, cfg, cache, adapter, out: Path, quick: bool) -> dict:
-    qmodel = art.quantize_dynamic(model)
-    art.save_dynamic(out / "int8.safetensors", qmodel)
+    qmodel = quantize_dynamic(model)
+    save_dynamic(out / "int8.safetensors", qmodel)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     return {"artifact": "int8.safetensors", "quantized_layers": "Linear", "linear_layers": n_linear}, qmodel
 
@@ -151,7 +157,6 @@ def _quantizer(is_qat: bool):
 
 def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int = CALIBRATION_BATCHES) -> tuple:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from tqdm import tqdm
 
     example = example_input(cache, adapter)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -159,10 +164,10 @@ def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int =
     prepared = prepare_pt2e(graph, _quantizer(False))
     n = min(batches, QUICK_MAX_BATCHES) if quick else batches
     with torch.no_grad():  # crops like training's, not every sliding window: observers cost 7× less per record
-        for x in tqdm(calibration_inputs(cache, adapter, cfg, n), total=n, desc="calibrate", leave=False):
+        for x in bar(calibration_inputs(cache, adapter, cfg, n), "calibrate", total=n):
             prepared(x)
     converted = convert_pt2e(prepared)
-    art.save_exported(out / "model.pt2", converted, example)
+    save_exported(out / "model.pt2", converted, example)
     return {"artifact": "model.pt2", "api": "torchao PT2E + X86InductorQuantizer", "calibration_batches": n,
             "calibration_split": "train", "calibration_inputs": "random training crops"}, converted
 
@@ -184,7 +189,7 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)
     converted.eval()
-    art.save_exported(out / "model.pt2", converted, example)
+    save_exported(out / "model.pt2", converted, example)
     return {"artifact": "model.pt2", "api": "torchao PT2E QAT + X86InductorQuantizer", "qat_epochs": epochs,
             "qat_lr": cfg["lr"] * QAT_LR_FACTOR, "distilled_from": "the fp32 parent" if teacher else None,
             "kd_alpha": QAT_KD_ALPHA, "kd_temperature": KD_TEMPERATURE}, converted
@@ -193,28 +198,28 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
 # ------------------------------------------------------------------ driver
 def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, out_root: Path | None = None,
              force: bool = False) -> dict:
-    _, cfg = art.load_run(run_dir)
-    cache = open_cache(data_dir or data_cache_dir(cfg.get("sampling_rate", 100)))
+    _, cfg = load_run(run_dir)
+    cache = open_cache(data_dir or data_cache_dir(cfg["sampling_rate"]))
     adapter = InputAdapter(cfg, cache.sampling_rate)
     quick = cfg.get("profile") == "quick"
     root = (out_root or compressed_dir()) / run_dir.name
     results, failures = {}, []
-    source_sha256 = art.checkpoint_sha256(run_dir)
+    source_sha256 = checkpoint_sha256(run_dir)
     for method in methods:
         out = root / method
-        done = art.finished_variant(out, run_dir, source_sha256, force)
+        done = finished_variant(out, run_dir, source_sha256, force)
         if done is not None:
             results[method] = done
             continue
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg["seed"])
-        model, _ = art.load_run(run_dir)  # a fresh fp32 copy for every method
+        model, _ = load_run(run_dir)  # a fresh fp32 copy for every method
         t0 = time.time()
         try:
             info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick)
             seconds = time.time() - t0
-            if method not in art.COMPILED_METHODS:
-                evaluated = art.channels_last_if_configured(evaluated, cfg)
+            if method not in COMPILED_METHODS:
+                evaluated = channels_last_if_configured(evaluated, cfg)
             metrics = validation_scores(evaluated, cache, adapter)
         except Exception as e:  # e.g. the X86 quantizer cannot annotate a pattern, inductor cannot lower it
             failures.append(f"{run_dir.name}/{method}: {type(e).__name__}: {first_line(e)}")
@@ -248,12 +253,12 @@ def _apply(method, model, cfg, cache, adapter, out, quick):
         return do_prune(model, cfg, cache, adapter, out, quick), model
     if method == "dynamic":
         return do_dynamic(model, cfg, cache, adapter, out, quick)
-    if method in art.COMPILED_METHODS:
+    if method in COMPILED_METHODS:
         info, _ = (do_static if method == "static" else do_qat)(model, cfg, cache, adapter, out, quick)
         # int8 kernels exist only once inductor lowers the graph, and lowering can fail: build the package that
-        # eval-all and predict load (shared.artifacts.load_compiled) here, and score the variant with it
-        compiled = art.load_compiled(out, info["artifact"])
-        info["compile_seconds"] = read_json(out / art.COMPILED_STAMP)["seconds"]
+        # eval-all and predict load (shared.formats.compiled.load_compiled) here, and score the variant with it
+        compiled = load_compiled(out, info["artifact"])
+        info["compile_seconds"] = read_json(out / COMPILED_STAMP)["seconds"]
         return info, compiled
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
@@ -282,7 +287,7 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) {bad}; choose from {METHODS}", file=sys.stderr)
         return 2
     try:
-        run = args.run or art.find_run(args.model, args.profile, args.representation, args.kd)
+        run = args.run or find_run(args.model, args.profile, args.representation, args.kd)
         compress(run, methods, args.data, args.out, args.force)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

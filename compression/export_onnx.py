@@ -41,7 +41,8 @@ from shared.dataset import ECGDataset, make_loader
 from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic
 from shared.paths import compressed_dir, data_cache_dir, runs_dir
 from shared.results import check_against_parent
-from shared.training import InputAdapter, validation_scores
+from shared.inputs import InputAdapter
+from shared.prediction import validation_scores
 
 # Knobs
 VARIANTS = ("onnx_fp32", "onnx_int8")

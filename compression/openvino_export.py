@@ -5,7 +5,7 @@ Variants (each in artifacts/compressed/<run>/<variant>/ with model.xml + model.b
   openvino_fp32  the fp32 network converted straight from PyTorch (openvino.convert_model), batch axis dynamic;
                  kept only if its outputs match PyTorch's within EXPORT_TOLERANCE on real validation windows.
   openvino_int8  nncf.quantize (post-training, DEFAULT preset; model_type TRANSFORMER for vit/deit) of the fp32
-                 IR, calibrated on the same training inputs as PT2E static int8 (shared.training.
+                 IR, calibrated on the same training inputs as PT2E static int8 (shared.inputs.
                  calibration_inputs). When it loses more than AUC_BUDGET val macro AUC against openvino_fp32,
                  nncf.quantize_with_accuracy_control reverts the most harmful layers to fp32 until the loss is
                  within the budget (on validation only) — both figures go into metrics.json.
@@ -32,7 +32,8 @@ from shared.io import first_line, library_versions, read_json, write_json_atomic
 from shared.nets import TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
-from shared.training import InputAdapter, calibration_inputs, validation_scores
+from shared.inputs import InputAdapter, calibration_inputs
+from shared.prediction import validation_scores
 
 # Knobs
 VARIANTS = ("openvino_fp32", "openvino_int8")

@@ -52,7 +52,9 @@ from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured
 from shared.progress import meter
-from shared.training import InputAdapter, train_step, validation_scores
+from shared.inputs import InputAdapter
+from shared.prediction import validation_scores
+from shared.training import train_step
 
 # Knobs
 METHOD = "structured"

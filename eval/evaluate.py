@@ -46,7 +46,8 @@ from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
 from shared.thresholds import read_thresholds, thresholds_path, write_thresholds
 from shared.timing import time_forward
 from shared.progress import meter
-from shared.training import InputAdapter, autocast, predict_dataset
+from shared.inputs import InputAdapter
+from shared.prediction import autocast, predict_dataset
 
 # Knobs
 BOOTSTRAP = 1000            # resamples for the 95 % intervals

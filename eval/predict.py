@@ -26,7 +26,7 @@ from shared.raw_input import InputError, load_signal, normalization, normalize
 from shared.io import first_line
 from shared.labels import CLASSES
 from shared.thresholds import DEFAULT_THRESHOLD, read_thresholds
-from shared.training import InputAdapter
+from shared.inputs import InputAdapter
 
 def thresholds_for(path: Path) -> tuple[np.ndarray, str]:
     """The thresholds stored beside this very model (shared/thresholds.py); 0.5 with a warning when it has none."""

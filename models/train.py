@@ -46,7 +46,9 @@ from shared.runs import read_config
 from shared.nets import MODELS, PretrainedUnavailable, architecture_kwargs, build_model, count_parameters
 from shared.paths import data_cache_dir, runs_dir
 from shared.progress import bar, log, postfix
-from shared.training import InputAdapter, autocast, predict_batches, scores, train_step
+from shared.inputs import InputAdapter
+from shared.prediction import autocast, predict_batches, scores
+from shared.training import train_step
 
 
 def run_name(cfg: dict) -> str:

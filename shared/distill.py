@@ -105,7 +105,7 @@ def load_teacher(runs: list[dict], sampling_rate: int, device: torch.device | st
     """The Teacher of config.json's `teacher_runs` ([{run, sha256}]); a checkpoint that changed since it was
     recorded is refused (TeacherChanged)."""
     from shared.runs import checkpoint_sha256, load_run
-    from shared.training import InputAdapter
+    from shared.inputs import InputAdapter
 
     models, represent = [], []
     for entry in runs:

@@ -1,6 +1,6 @@
 """Getting raw WFDB records into a trained model the way training saw them — for evaluation on any
 PTB-XL-layout folder and for `predict`: the training cache's per-lead normalization, resampling to the
-model's rate, and a small in-memory dataset that `training.predict_dataset` accepts."""
+model's rate, and a small in-memory dataset that `prediction.predict_dataset` accepts."""
 from __future__ import annotations
 
 import warnings

@@ -18,7 +18,7 @@ from shared.runs import build_from_config, checkpoint_sha256, load_run
 from shared.variants import load_variant, variant_is_current
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
-from shared.training import InputAdapter
+from shared.inputs import InputAdapter
 
 
 @pytest.fixture(scope="module")

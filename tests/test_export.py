@@ -15,7 +15,7 @@ from shared.runs import load_run
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.formats.onnx_model import OnnxModel
-from shared.training import InputAdapter
+from shared.inputs import InputAdapter
 
 def _export(run, sample_cache, base):
     proc = run_module("compression.export_onnx", "--run", run, "--data", sample_cache, "--out", base / "compressed",

@@ -14,7 +14,7 @@ from shared.runs import load_run
 from shared.variants import load_variant
 from shared.cache import open_cache
 from shared.results import check_against_parent, collapse_warning, deploy_choice
-from shared.training import InputAdapter
+from shared.inputs import InputAdapter
 
 INT8_AUC_TOLERANCE = 0.05  # a 1-epoch quick run on ~50 validation records: int8 within this of the fp32 IR
 

@@ -47,7 +47,7 @@ def _main(*args) -> tuple[int, str, str]:
 def _windows(run, sample_cache, n=6):
     from shared.cache import open_cache
     from shared.dataset import ECGDataset
-    from shared.training import InputAdapter
+    from shared.inputs import InputAdapter
 
     cfg = json.loads((run / "config.json").read_text())
     cache = open_cache(sample_cache)

@@ -211,7 +211,7 @@ def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
 def test_evaluation_in_cpu_sized_chunks_gives_the_one_pass_answer(monkeypatch):
     """predict_batches cuts a batch's windows into CPU_WINDOWS_PER_FORWARD-sized passes; the average over each
     record's windows must not notice (incl. a last pass shorter than the rest)."""
-    from shared import training
+    from shared import prediction as training
 
     class Windows:  # 3 windows per record: the record, its negative, twice it
         def eval_inputs(self, x):
