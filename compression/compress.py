@@ -1,6 +1,6 @@
 """Compress a trained model: `python -m compression.compress --model convnext --methods prune,dynamic,static,qat`.
 
-Methods (each for every model family; STATIC_FP32_MODULES and NOT_MADE list a family's exceptions):
+Methods (each for every model family; shared.nets.INT8_FP32_MODULES lists what a family keeps in fp32):
   prune    L1 unstructured pruning of PRUNE_AMOUNT of each Conv weight (the original design; Linear layers
            and a global threshold are options), fine-tuned with the masks on, then made permanent.
   dynamic  dynamic int8 of every Linear layer (torch.ao quantize_dynamic).
@@ -41,7 +41,7 @@ from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
 from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic
-from shared.nets import MODELS, TRANSFORMERS
+from shared.nets import INT8_FP32_MODULES, MODELS, TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.inputs import InputAdapter, calibration_inputs
@@ -61,21 +61,7 @@ QAT_LR_FACTOR = 0.02           # × the run's learning rate: fake-quant noise pl
 QAT_KD_ALPHA = 0.5             # QAT distils from the fp32 parent on the same crops (shared.distill); 0: labels only
 CALIBRATION_BATCHES = 16       # batches of random training crops (one per record) for static int8
 QUICK_MAX_BATCHES = 3
-
-# Model families whose static int8 keeps some modules in fp32 (variant.json: fp32_modules, fp32_reason).
-STATIC_FP32_MODULES = {
-    # X86InductorQuantizer gives the global pool its input's scale (head peaks ~140), so pooled features < 1 round to 0–2 steps
-    "effnetv2": (("global_pool",), "int8 global pool at its input's scale (0.48) crushes the pooled features "
-                 "(mostly < 1): val AUC 0.929 → 0.858; pool in fp32 0.930, the classifier keeps int8 at its own scale"),
-}
-# Methods not made for a model family, with the reason printed instead of a variant.
-NOT_MADE = {
-    # its only Linear is the 1280→5 classifier (0.1 % of the bytes), whose per-batch range one outlier window sets for all
-    ("effnetv2", "dynamic"): "dynamic int8 would quantize only the 1280→5 classifier (0.1 % of the bytes), with one "
-                             "activation range per batch that a single outlier window (pooled features up to 34, "
-                             "mostly < 1) sets for its neighbours: val AUC 0.929 → 0.913, and outputs that depend "
-                             "on the batch",
-}
+ACTIVATION_RANGE = "per window for heads (shared.formats.dynamic_int8)"  # dynamic int8's activation scales
 
 warnings.filterwarnings("ignore", message=".*quantize_dynamic.*")
 
@@ -159,7 +145,8 @@ def do_dynamic(model, cfg, cache, adapter, out: Path, quick: bool) -> dict:
     qmodel = quantize_dynamic(model)
     save_dynamic(out / "int8.safetensors", qmodel)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-    return {"artifact": "int8.safetensors", "quantized_layers": "Linear", "linear_layers": n_linear}, qmodel
+    return {"artifact": "int8.safetensors", "quantized_layers": "Linear", "linear_layers": n_linear,
+            "activation_range": ACTIVATION_RANGE}, qmodel
 
 
 def _quantizer(is_qat: bool, fp32_modules: tuple[str, ...] = ()):
@@ -178,7 +165,7 @@ def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int =
     example = example_input(cache, adapter)
     batch = torch.export.Dim("batch", min=1, max=4096)
     graph = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
-    fp32_modules, fp32_reason = STATIC_FP32_MODULES.get(cfg["model"], ((), None))
+    fp32_modules, fp32_reason = INT8_FP32_MODULES.get(cfg["model"], ((), None))
     prepared = prepare_pt2e(graph, _quantizer(False, fp32_modules))
     n = min(batches, QUICK_MAX_BATCHES) if quick else batches
     with torch.no_grad():  # crops like training's, not every sliding window: observers cost 7× less per record
@@ -226,12 +213,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
     source_sha256 = checkpoint_sha256(run_dir)
     for method in methods:
         out = root / method
-        if (cfg["model"], method) in NOT_MADE:
-            print(f"{run_dir.name}/{method}: not made for {cfg['model']}: {NOT_MADE[cfg['model'], method]}")
-            if (out / "variant.json").exists():
-                print(f"{out}: left from an earlier recipe; delete it so eval-all does not score it", file=sys.stderr)
-            continue
-        done = finished_variant(out, run_dir, source_sha256, force or _other_fp32_modules(out, method, cfg))
+        done = finished_variant(out, run_dir, source_sha256, force or _recipe_changed(out, method, cfg))
         if done is not None:
             results[method] = done
             continue
@@ -268,15 +250,19 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
     return results
 
 
-def _other_fp32_modules(out: Path, method: str, cfg: dict) -> bool:
-    """A static variant made with other fp32 modules than STATIC_FP32_MODULES names now is redone."""
-    if method != "static" or not (out / "variant.json").exists():
+def _recipe_changed(out: Path, method: str, cfg: dict) -> bool:
+    """A finished variant made by another recipe than today's is redone: a static one with other fp32 modules
+    than INT8_FP32_MODULES names, a dynamic one whose heads took one activation range per batch."""
+    if method not in ("static", "dynamic") or not (out / "variant.json").exists():
         return False
-    wanted = list(STATIC_FP32_MODULES.get(cfg["model"], ((), None))[0])
-    if read_json(out / "variant.json").get("fp32_modules", []) == wanted:
-        return False
-    print(f"{out}: made with other modules in fp32 than {wanted}: redoing it")
-    return True
+    info = read_json(out / "variant.json")
+    if method == "dynamic":
+        changed = info.get("activation_range") != ACTIVATION_RANGE
+    else:
+        changed = info.get("fp32_modules", []) != list(INT8_FP32_MODULES.get(cfg["model"], ((), None))[0])
+    if changed:
+        print(f"{out}: made by an earlier recipe: redoing it")
+    return changed
 
 
 class CompressionFailed(RuntimeError):

@@ -15,6 +15,7 @@ checkpoint is skipped unless --force. Loading an IR runs no Python code (shared/
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -24,12 +25,12 @@ import numpy as np
 import torch
 
 from shared.cli import add_output_args, add_run_choice, chosen_run, comma_list, exit_code
-from shared.runs import checkpoint_sha256, load_run
+from shared.runs import checkpoint_sha256, load_run, read_config
 from shared.variants import artifact_bytes, finished_variant
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
-from shared.nets import TRANSFORMERS
+from shared.nets import INT8_FP32_MODULES, TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import check_against_parent
 from shared.inputs import InputAdapter, calibration_inputs
@@ -106,10 +107,14 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
     ir = ov.Core().read_model(str(fp32_xml))
     calib = [x.numpy() for x in calibration_inputs(cache, adapter, cfg, batches)]
     model_type = nncf.ModelType.TRANSFORMER if cfg["model"] in TRANSFORMERS else None
-    q = nncf.quantize(ir, nncf.Dataset(calib), model_type=model_type, subset_size=len(calib))
+    fp32_modules, fp32_reason = INT8_FP32_MODULES.get(cfg["model"], ((), None))
+    # the converted IR names each node after the module it came from: "__module.global_pool.pool/aten::…"
+    ignored = nncf.IgnoredScope(patterns=[rf".*__module\.{re.escape(m)}[./].*" for m in fp32_modules], validate=False)
+    q = nncf.quantize(ir, nncf.Dataset(calib), model_type=model_type, subset_size=len(calib), ignored_scope=ignored)
     info = {"api": "nncf.quantize (post-training)", "calibration_batches": len(calib),
             "calibration_records": int(sum(len(c) for c in calib)), "calibration_split": "train",
-            "model_type": "transformer" if model_type else "default"}
+            "model_type": "transformer" if model_type else "default", "fp32_modules": list(fp32_modules),
+            "fp32_reason": fp32_reason}
     items = _validation_items(cache, adapter)
     ptq_auc = _macro_auc_of(ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), items)
     info["ptq_val_macro_auc"] = ptq_auc
@@ -119,10 +124,21 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
         q = nncf.quantize_with_accuracy_control(
             ir, nncf.Dataset(calib), nncf.Dataset(items, lambda item: item[0]),
             validation_fn=lambda compiled, data: _macro_auc_of(compiled, data), max_drop=AUC_BUDGET,
-            drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calib))
+            drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calib), ignored_scope=ignored)
         info["api"] = "nncf.quantize_with_accuracy_control"
     ov.save_model(q, str(out / "model.xml"), compress_to_fp16=False)
     return info
+
+
+def _recipe_changed(out: Path, model: str) -> bool:
+    """An int8 IR made with other modules in fp32 than INT8_FP32_MODULES names now is redone."""
+    if out.name != "openvino_int8" or not (out / "variant.json").exists():
+        return False
+    wanted = list(INT8_FP32_MODULES.get(model, ((), None))[0])
+    if read_json(out / "variant.json").get("fp32_modules", []) == wanted:
+        return False
+    print(f"{out}: made with other modules in fp32 than {wanted}: redoing it")
+    return True
 
 
 def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_root: Path | None = None,
@@ -130,7 +146,9 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     run_dir = Path(run_dir)
     root = (out_root or compressed_dir()) / run_dir.name
     source_sha256 = checkpoint_sha256(run_dir)
-    results = {v: finished_variant(root / v, run_dir, source_sha256, force) for v in variants}
+    model = read_config(run_dir)["model"]
+    results = {v: finished_variant(root / v, run_dir, source_sha256, force or _recipe_changed(root / v, model))
+               for v in variants}
     todo = [v for v, done in results.items() if done is None]
     if not todo:
         return results
