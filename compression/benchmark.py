@@ -123,8 +123,7 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
     """One row: size, parameters, MACs, AUCs and windows/s of one variant (None when it is not made)."""
     vdir = root / variant
     if variant in ("fp32", "bf16"):
-        model, size = fp32, (run / "best.safetensors").stat().st_size
-        total, nonzero = nonzero_parameters(fp32.state_dict())
+        model, size, info = fp32, (run / "best.safetensors").stat().st_size, {}
         val, test = bf16_aucs(fp32, cache, adapter) if variant == "bf16" else \
             (run_metrics["val"]["macro_auc"], run_metrics["test"]["macro_auc"])
     else:
@@ -137,12 +136,15 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
         m = read_json(vdir / "metrics.json")
         size, val = m["artifact_bytes"], m["val"]["macro_auc"]
         test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant)
-        total, nonzero = (info.get("params"), info.get("nonzero_params")) if variant == "prune" else \
-            nonzero_parameters(model.state_dict() if variant == "structured" else fp32.state_dict())
-    network = model if variant in ("fp32", "prune", "structured") else fp32
+    # the network the variant computes, for its parameters and MACs (int8 graphs and runtimes hide theirs)
+    network = model if variant in ("fp32", "bf16", "prune", "structured") else \
+        load_variant(root / "structured")[0] if variant == "structured_openvino_int8" else fp32
+    if variant != "prune":
+        total, nonzero = nonzero_parameters(network.state_dict())
+    else:
+        total, nonzero = info.get("params"), info.get("nonzero_params")
     row = {"variant": variant, "bytes": size, "params": total, "nonzero": nonzero, "val_auc": val, "test_auc": test,
-           "macs": macs_per_window(network if variant != "structured_openvino_int8" else
-                                   load_variant(root / "structured")[0], inputs)}
+           "macs": macs_per_window(network, inputs)}
     for threads in THREADS:
         torch.set_num_threads(threads)
         for b in BATCHES:
