@@ -145,3 +145,12 @@ def test_kd_loss_is_the_formula_and_bce_at_alpha_0():
     assert kd_loss(s, y, t, alpha, temp).item() == pytest.approx(expected.item(), rel=1e-6)
     assert kd_loss(s, y, t, 0.0, temp).item() == pytest.approx(bce(s, y).item(), rel=1e-6)
     assert WithTeacher(alpha, temp)(s, (y, t)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_op_profile_accounts_for_the_whole_forward(exported):
+    from compression.profile_openvino import profile
+
+    _, root, _ = exported
+    ms, rows = profile(root / "openvino_int8" / "model.xml", batch=2)
+    assert ms > 0 and rows and abs(sum(share for _, share, _ in rows) - 1) < 1e-6
+    assert any("i8" in kernels.lower() for _, _, kernels in rows)  # the int8 IR runs int8 kernels
