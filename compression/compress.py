@@ -43,7 +43,7 @@ from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
 from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic
 from shared.nets import INT8_FP32_MODULES, MODELS, TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
-from shared.results import check_against_parent
+from shared.results import record_variant
 from shared.inputs import InputAdapter, calibration_inputs
 from shared.prediction import validation_scores
 from shared.progress import bar, meter
@@ -238,13 +238,8 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
         write_json_atomic(out / "variant.json", info)
         metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=(out / info["artifact"]).stat().st_size,
                        fp32_bytes=(run_dir / "best.safetensors").stat().st_size)
-        check_against_parent(metrics, run_dir, f"{run_dir.name}/{method}")
-        write_json_atomic(out / "metrics.json", metrics)
-        results[method] = metrics
-        print(f"{run_dir.name}/{method}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
-              f"{metrics['artifact_bytes'] / 1e6:.2f} MB "
-              f"(fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), {seconds:.0f} s"
-              + (f"; fp32: {', '.join(info['fp32_modules'])}" if info.get("fp32_modules") else ""))
+        results[method] = record_variant(out, metrics, run_dir, f"{run_dir.name}/{method}", f", {seconds:.0f} s" + (
+            f"; fp32: {', '.join(info['fp32_modules'])}" if info.get("fp32_modules") else ""))
     if failures:
         raise CompressionFailed("; ".join(failures))
     return results

@@ -40,7 +40,7 @@ from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import atomic_path, first_line, library_versions, read_json, write_json_atomic
 from shared.paths import compressed_dir, data_cache_dir, runs_dir
-from shared.results import check_against_parent
+from shared.results import record_variant
 from shared.inputs import InputAdapter
 from shared.prediction import validation_scores
 
@@ -341,13 +341,9 @@ def _export_variant(variant, run_dir, source_sha256, torch_model, cfg, cache, ad
         if change < -AUC_WARN:
             print(f"warning: {run_dir.name}/onnx_int8 loses {-change:.4f} val macro AUC against onnx_fp32 "
                   f"(more than {AUC_WARN}); try --int8 dynamic, or keep this model in fp32", file=sys.stderr)
-    check_against_parent(metrics, run_dir, f"{run_dir.name}/{variant}")
-    write_json_atomic(out / "metrics.json", metrics)
-    print(f"{run_dir.name}/{variant}: val macro AUC {metrics['val']['macro_auc']:.4f}, "
-          f"{metrics['artifact_bytes'] / 1e6:.2f} MB "
-          f"(fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), max |Δp| vs torch "
-          f"{metrics['max_abs_diff_vs_torch']:.4f}, {seconds:.0f} s ({info.get('export')})", flush=True)
-    return metrics
+    return record_variant(out, metrics, run_dir, f"{run_dir.name}/{variant}",
+                          f", max |Δp| vs torch {metrics['max_abs_diff_vs_torch']:.4f}, {seconds:.0f} s "
+                          f"({info.get('export')})")
 
 
 def _onnx_versions() -> dict:

@@ -32,7 +32,7 @@ from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
 from shared.nets import INT8_FP32_MODULES, TRANSFORMERS
 from shared.paths import compressed_dir, data_cache_dir
-from shared.results import check_against_parent
+from shared.results import record_variant
 from shared.inputs import InputAdapter, calibration_inputs
 from shared.prediction import validation_scores
 
@@ -205,14 +205,7 @@ def record_ir(out: Path, info: dict, run_dir: Path, model: torch.nn.Module, cach
     metrics.update(method=info["method"], run=run_dir.name, artifact_bytes=artifact_bytes(out / "model.xml"),
                    fp32_bytes=(run_dir / "best.safetensors").stat().st_size, max_abs_diff_vs_torch=diff,
                    **({"source": info["source"]} if "source" in info else {}))
-    check_against_parent(metrics, run_dir, label)
-    write_json_atomic(out / "metrics.json", metrics)
-    change = metrics.get("val_auc_change_vs_fp32")
-    print(f"{label}: val macro AUC {metrics['val']['macro_auc']:.4f}"
-          f"{'' if change is None else f' ({change:+.4f} vs fp32)'}, {metrics['artifact_bytes'] / 1e6:.2f} MB "
-          f"(fp32 safetensors {metrics['fp32_bytes'] / 1e6:.2f} MB), max |Δp| vs its torch model {diff:.4f}, "
-          f"{seconds:.0f} s", flush=True)
-    return metrics
+    return record_variant(out, metrics, run_dir, label, f", max |Δp| vs its torch model {diff:.4f}, {seconds:.0f} s")
 
 
 def _versions() -> dict:

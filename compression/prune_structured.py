@@ -49,7 +49,7 @@ from shared.dataset import ECGDataset, make_loader
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
 from shared.nets import count_parameters
 from shared.paths import compressed_dir, data_cache_dir
-from shared.results import check_against_parent
+from shared.results import record_variant
 from shared.structured import SHAPES_FILE, WEIGHTS_FILE, load_structured, save_structured
 from shared.progress import meter
 from shared.inputs import InputAdapter
@@ -470,13 +470,9 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
                        **{k: info[k] for k in ("target", "target_by", "params", "params_parent", "params_reduction",
                                                "macs", "macs_parent", "macs_reduction", "importance", "kd_alpha",
                                                "kd_t")}, speed=s)
-        check_against_parent(metrics, run_dir, f"{run_dir.name}/{METHOD}")
-        write_json_atomic(out / "metrics.json", metrics)
-        print(f"{run_dir.name}/{METHOD}: val macro AUC {metrics['val']['macro_auc']:.4f}"
-              f"{_change(metrics)}, params −{info['params_reduction']:.1%}, MACs −{info['macs_reduction']:.1%}, "
-              f"{metrics['artifact_bytes'] / 1e6:.2f} MB (fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB), "
-              f"{info['seconds']:.0f} s", flush=True)
-        done = metrics
+        done = record_variant(out, metrics, run_dir, f"{run_dir.name}/{METHOD}",
+                              f", params −{info['params_reduction']:.1%}, MACs −{info['macs_reduction']:.1%}, "
+                              f"{info['seconds']:.0f} s")
     else:
         model = load_structured(out, cfg)
         s = None
@@ -525,11 +521,6 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
                 model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
                 versions={**library_versions(), **_versions()})
     return ove.record_ir(out, info, run_dir, model, cache, adapter, compare, f"{run_dir.name}/{INT8_VARIANT}", seconds)
-
-
-def _change(metrics: dict) -> str:
-    change = metrics.get("val_auc_change_vs_fp32")
-    return "" if change is None else f" ({change:+.4f} vs fp32)"
 
 
 def _structured_bytes(out: Path) -> int:

@@ -87,6 +87,20 @@ def deploy_choice(variants: list[dict], speed_key: str = "throughput_b32_t1") ->
     return {"fp32": fp32, "flagged": flagged, "recommended": best, "val_loss": loss}
 
 
+def record_variant(out: Path, metrics: dict, run_dir: Path, name: str, details: str = "") -> dict:
+    """The last step of making any variant: its change against the run's fp32 model (a collapse warns and is
+    flagged), metrics.json written (it marks the variant finished), and one line saying so."""
+    from shared.io import write_json_atomic
+
+    check_against_parent(metrics, run_dir, name)
+    write_json_atomic(Path(out) / "metrics.json", metrics)
+    change = metrics.get("val_auc_change_vs_fp32")
+    print(f"{name}: val macro AUC {metrics['val']['macro_auc']:.4f}"
+          f"{'' if change is None else f' ({change:+.4f} vs fp32)'}, {metrics['artifact_bytes'] / 1e6:.2f} MB "
+          f"(fp32 {metrics['fp32_bytes'] / 1e6:.2f} MB){details}", flush=True)
+    return metrics
+
+
 def check_against_parent(metrics: dict, run_dir: Path, name: str) -> dict:
     """Record a variant's validation change against its run's fp32 model in its metrics and warn on stderr
     when it collapses (collapse_warning)."""
