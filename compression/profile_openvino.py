@@ -42,7 +42,7 @@ def profile(xml: Path, batch: int = BATCH, threads: int = THREADS) -> tuple[floa
             kernels[p.node_type][p.exec_type] += us
     total = sum(per_type.values()) or 1.0
     rows = [(kind, us / total, ", ".join(f"{k} {v / us:.0%}" for k, v in kernels[kind].most_common(2)))
-            for kind, us in per_type.most_common()]
+            for kind, us in per_type.most_common() if us > 0]  # inputs, constants, results take no time
     return total / RUNS / 1000, rows
 
 
