@@ -204,3 +204,21 @@ def test_dynamic_int8_heads_do_not_depend_on_the_batch():
     alone = torch.cat([q(x[i:i + 1]) for i in range(len(x))])
     assert torch.equal(q(x), alone)
     assert (q(x) - head(x)).abs()[[0, 1, 2, 4]].max() < 0.02  # the ordinary windows keep their precision
+
+
+def test_variants_of_an_earlier_recipe_are_redone(tmp_path, capsys):
+    from compression.compress import ACTIVATION_RANGE, _recipe_changed
+
+    out = tmp_path / "static"
+    out.mkdir()
+    (out / "variant.json").write_text(json.dumps({"fp32_modules": []}))
+    assert _recipe_changed(out, "static", {"model": "effnetv2"})  # made before its pool stayed fp32
+    assert not _recipe_changed(out, "static", {"model": "convnext"})  # convnext keeps nothing in fp32
+    (out / "variant.json").write_text(json.dumps({"fp32_modules": ["global_pool"]}))
+    assert not _recipe_changed(out, "static", {"model": "effnetv2"})
+    dyn = tmp_path / "dynamic"
+    dyn.mkdir()
+    (dyn / "variant.json").write_text("{}")  # its head took one activation range per batch
+    assert _recipe_changed(dyn, "dynamic", {"model": "vit"}) and "earlier recipe" in capsys.readouterr().out
+    (dyn / "variant.json").write_text(json.dumps({"activation_range": ACTIVATION_RANGE}))
+    assert not _recipe_changed(dyn, "dynamic", {"model": "vit"})
