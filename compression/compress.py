@@ -36,12 +36,12 @@ from shared.formats.dynamic_int8 import quantize_dynamic, save_dynamic
 from shared.formats.exported import save_exported
 from shared.formats.sparse import nonzero_parameters, save_sparse
 from shared.runs import channels_last_if_configured, checkpoint_sha256, find_run, load_run
-from shared.variants import finished_variant
+from shared.variants import finished_variant, fp32_modules_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
 from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic
-from shared.nets import INT8_FP32_MODULES, MODELS, TRANSFORMERS
+from shared.nets import MODELS, TRANSFORMERS, int8_fp32_modules
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import record_variant
 from shared.inputs import InputAdapter, calibration_inputs
@@ -165,7 +165,7 @@ def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int =
     example = example_input(cache, adapter)
     batch = torch.export.Dim("batch", min=1, max=4096)
     graph = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
-    fp32_modules, fp32_reason = INT8_FP32_MODULES.get(cfg["model"], ((), None))
+    fp32_modules, fp32_reason = int8_fp32_modules(cfg["model"])
     prepared = prepare_pt2e(graph, _quantizer(False, fp32_modules))
     n = min(batches, QUICK_MAX_BATCHES) if quick else batches
     with torch.no_grad():  # crops like training's, not every sliding window: observers cost 7× less per record
@@ -248,13 +248,11 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
 def _recipe_changed(out: Path, method: str, cfg: dict) -> bool:
     """A finished variant made by another recipe than today's is redone: a static one with other fp32 modules
     than INT8_FP32_MODULES names, a dynamic one whose heads took one activation range per batch."""
-    if method not in ("static", "dynamic") or not (out / "variant.json").exists():
+    if method == "static":
+        return fp32_modules_changed(out, cfg["model"])
+    if method != "dynamic" or not (out / "variant.json").exists():
         return False
-    info = read_json(out / "variant.json")
-    if method == "dynamic":
-        changed = info.get("activation_range") != ACTIVATION_RANGE
-    else:
-        changed = info.get("fp32_modules", []) != list(INT8_FP32_MODULES.get(cfg["model"], ((), None))[0])
+    changed = read_json(out / "variant.json").get("activation_range") != ACTIVATION_RANGE
     if changed:
         print(f"{out}: made by an earlier recipe: redoing it")
     return changed

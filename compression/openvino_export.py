@@ -26,11 +26,11 @@ import torch
 
 from shared.cli import add_output_args, add_run_choice, chosen_run, comma_list, exit_code
 from shared.runs import checkpoint_sha256, load_run, read_config
-from shared.variants import artifact_bytes, finished_variant
+from shared.variants import artifact_bytes, finished_variant, fp32_modules_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
-from shared.nets import INT8_FP32_MODULES, TRANSFORMERS
+from shared.nets import TRANSFORMERS, int8_fp32_modules
 from shared.paths import compressed_dir, data_cache_dir
 from shared.results import record_variant
 from shared.inputs import InputAdapter, calibration_inputs
@@ -107,7 +107,7 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
     ir = ov.Core().read_model(str(fp32_xml))
     calib = [x.numpy() for x in calibration_inputs(cache, adapter, cfg, batches)]
     model_type = nncf.ModelType.TRANSFORMER if cfg["model"] in TRANSFORMERS else None
-    fp32_modules, fp32_reason = INT8_FP32_MODULES.get(cfg["model"], ((), None))
+    fp32_modules, fp32_reason = int8_fp32_modules(cfg["model"])
     # the converted IR names each node after the module it came from: "__module.global_pool.pool/aten::…"
     ignored = nncf.IgnoredScope(patterns=[rf".*__module\.{re.escape(m)}[./].*" for m in fp32_modules], validate=False)
     q = nncf.quantize(ir, nncf.Dataset(calib), model_type=model_type, subset_size=len(calib), ignored_scope=ignored)
@@ -130,24 +130,14 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
     return info
 
 
-def _recipe_changed(out: Path, model: str) -> bool:
-    """An int8 IR made with other modules in fp32 than INT8_FP32_MODULES names now is redone."""
-    if out.name != "openvino_int8" or not (out / "variant.json").exists():
-        return False
-    wanted = list(INT8_FP32_MODULES.get(model, ((), None))[0])
-    if read_json(out / "variant.json").get("fp32_modules", []) == wanted:
-        return False
-    print(f"{out}: made with other modules in fp32 than {wanted}: redoing it")
-    return True
-
-
 def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_root: Path | None = None,
            force: bool = False, batches: int | None = None) -> dict:
     run_dir = Path(run_dir)
     root = (out_root or compressed_dir()) / run_dir.name
     source_sha256 = checkpoint_sha256(run_dir)
     model = read_config(run_dir)["model"]
-    results = {v: finished_variant(root / v, run_dir, source_sha256, force or _recipe_changed(root / v, model))
+    results = {v: finished_variant(root / v, run_dir, source_sha256, force or (
+        v == "openvino_int8" and fp32_modules_changed(root / v, model)))
                for v in variants}
     todo = [v for v, done in results.items() if done is None]
     if not todo:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from shared.cli import add_output_args, add_run_choice, chosen_run
 from shared.runs import channels_last_if_configured, checkpoint_sha256, load_run
-from shared.variants import finished_variant
+from shared.variants import finished_variant, fp32_modules_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
@@ -496,7 +496,7 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
 
     out = root / INT8_VARIANT
     structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
-    done = finished_variant(out, run_dir, source_sha256, force)
+    done = finished_variant(out, run_dir, source_sha256, force or fp32_modules_changed(out, cfg["model"]))
     if done is not None:
         if read_json(out / "variant.json").get("structured_sha256") == structured_sha:
             return done

@@ -34,6 +34,11 @@ INT8_FP32_MODULES = {
                  "near 140), which crushes the pooled features (mostly < 1) to a few levels: val AUC 0.929 → 0.858; "
                  "with the pool in fp32 0.930 (the classifier stays int8 at its own scale)"),
 }
+
+
+def int8_fp32_modules(model: str) -> tuple[tuple[str, ...], str | None]:
+    """(modules kept in fp32, why) of a family's post-training int8; ((), None) for the others."""
+    return INT8_FP32_MODULES.get(model, ((), None))
 MODELS = tuple(TIMM_FAMILIES) + tuple(NETS1D)
 
 

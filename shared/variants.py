@@ -25,6 +25,21 @@ def variant_is_current(variant_dir: Path, run_dir: Path, checkpoint_sha: str) ->
     return bool(recorded) and recorded == checkpoint_sha
 
 
+def fp32_modules_changed(variant_dir: Path, model: str) -> bool:
+    """An int8 variant whose variant.json records other modules kept in fp32 than shared.nets.INT8_FP32_MODULES
+    names for its family now (made by an earlier recipe: to be redone); False while nothing is made yet."""
+    from shared.nets import int8_fp32_modules
+
+    info_path = Path(variant_dir) / "variant.json"
+    if not info_path.exists():
+        return False
+    wanted = list(int8_fp32_modules(model)[0])
+    if read_json(info_path).get("fp32_modules", []) == wanted:
+        return False
+    print(f"{variant_dir}: made with other modules in fp32 than {wanted}: redoing it")
+    return True
+
+
 def finished_variant(variant_dir: Path, run_dir: Path, checkpoint_sha: str, force: bool) -> dict | None:
     """The metrics.json of a variant to skip (finished, from this checkpoint), or None when it is to be made;
     says which on stdout. Compression and ONNX export resume through this."""
