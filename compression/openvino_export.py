@@ -26,8 +26,9 @@ import torch
 
 from shared.cli import add_output_args, add_run_choice, chosen_run, comma_list, exit_code
 from shared.runs import checkpoint_sha256, load_run, read_config
-from shared.variants import artifact_bytes, finished_variant, fp32_modules_changed
+from shared.variants import artifact_bytes, export_form_changed, finished_variant, fp32_modules_changed
 from shared.cache import open_cache
+from shared.export_form import export_form, for_export
 from shared.dataset import ECGDataset
 from shared.io import first_line, library_versions, read_json, write_json_atomic
 from shared.nets import TRANSFORMERS, int8_fp32_modules
@@ -60,13 +61,14 @@ def val_windows(cache, adapter: InputAdapter, records: int = COMPARE_RECORDS) ->
     return adapter.eval_inputs(x)[0]
 
 
-def convert_fp32(model: torch.nn.Module, compare: torch.Tensor, out: Path) -> dict:
+def convert_fp32(model: torch.nn.Module, family: str, compare: torch.Tensor, out: Path) -> dict:
+    """The fp32 IR of `model` in its export form (shared/export_form.py), checked against `model` itself."""
     import openvino as ov
 
     shape = [-1, *compare.shape[1:]]
     with torch.no_grad():
-        ir = ov.convert_model(model.eval(), example_input=compare[:2], input=[ov.PartialShape(shape)])
-        reference = model(compare).numpy()
+        ir = ov.convert_model(for_export(model, family), example_input=compare[:2], input=[ov.PartialShape(shape)])
+        reference = model.eval()(compare).numpy()
     ov.save_model(ir, str(out / "model.xml"), compress_to_fp16=False)
     from shared.formats.openvino_model import OpenVinoModel
 
@@ -74,7 +76,7 @@ def convert_fp32(model: torch.nn.Module, compare: torch.Tensor, out: Path) -> di
     if diff > EXPORT_TOLERANCE:
         raise ValueError(f"{out / 'model.xml'}: logits differ from PyTorch by {diff:.2e} (> {EXPORT_TOLERANCE})")
     return {"converter": "openvino.convert_model", "input_shape": ["batch", *compare.shape[1:]],
-            "max_abs_logit_diff_vs_torch": diff}
+            "export_form": export_form(family), "max_abs_logit_diff_vs_torch": diff}
 
 
 def _validation_items(cache, adapter: InputAdapter, chunk: int = 32) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -114,6 +116,7 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
     info = {"api": "nncf.quantize (post-training)", "calibration_batches": len(calib),
             "calibration_records": int(sum(len(c) for c in calib)), "calibration_split": "train",
             "model_type": "transformer" if model_type else "default", "fp32_modules": list(fp32_modules),
+            "export_form": export_form(cfg["model"]),
             "fp32_reason": fp32_reason}
     items = _validation_items(cache, adapter)
     ptq_auc = _macro_auc_of(ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), items)
@@ -136,7 +139,7 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     root = (out_root or compressed_dir()) / run_dir.name
     source_sha256 = checkpoint_sha256(run_dir)
     model = read_config(run_dir)["model"]
-    results = {v: finished_variant(root / v, run_dir, source_sha256, force or (
+    results = {v: finished_variant(root / v, run_dir, source_sha256, force or export_form_changed(root / v, model) or (
         v == "openvino_int8" and fp32_modules_changed(root / v, model)))
                for v in variants}
     todo = [v for v, done in results.items() if done is None]
@@ -166,7 +169,7 @@ def _export_variant(variant, run_dir, source_sha256, model, cfg, cache, adapter,
     compare = val_windows(cache, adapter)
     t0 = time.time()
     if variant == "openvino_fp32":
-        info = convert_fp32(model, compare, out)
+        info = convert_fp32(model, cfg["model"], compare, out)
     else:
         fp32 = root / "openvino_fp32"
         if not (fp32 / "metrics.json").exists():

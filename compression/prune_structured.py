@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from shared.cli import add_output_args, add_run_choice, chosen_run
 from shared.runs import channels_last_if_configured, checkpoint_sha256, load_run
-from shared.variants import finished_variant, fp32_modules_changed
+from shared.variants import export_form_changed, finished_variant, fp32_modules_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
@@ -496,7 +496,8 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
 
     out = root / INT8_VARIANT
     structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
-    done = finished_variant(out, run_dir, source_sha256, force or fp32_modules_changed(out, cfg["model"]))
+    done = finished_variant(out, run_dir, source_sha256, force or fp32_modules_changed(out, cfg["model"])
+                           or export_form_changed(out, cfg["model"]))
     if done is not None:
         if read_json(out / "variant.json").get("structured_sha256") == structured_sha:
             return done
@@ -510,7 +511,7 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
 
     try:
         with tempfile.TemporaryDirectory(prefix=".fp32-ir-", dir=out) as tmp:
-            converted = ove.convert_fp32(model.eval(), compare, Path(tmp))
+            converted = ove.convert_fp32(model, cfg["model"], compare, Path(tmp))
             info = ove.quantize_int8(Path(tmp) / "model.xml", out, cache, adapter, cfg, batches, fp32_auc)
     except Exception as e:  # the converter or NNCF cannot handle this network
         raise PruningFailed(f"{run_dir.name}/{INT8_VARIANT}: {type(e).__name__}: {first_line(e)}") from e

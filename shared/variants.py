@@ -30,13 +30,23 @@ def fp32_modules_changed(variant_dir: Path, model: str) -> bool:
     names for its family now (made by an earlier recipe: to be redone); False while nothing is made yet."""
     from shared.nets import int8_fp32_modules
 
+    return _recipe_changed(variant_dir, "fp32_modules", list(int8_fp32_modules(model)[0]), [],
+                           "other modules in fp32 than")
+
+
+def export_form_changed(variant_dir: Path, model: str) -> bool:
+    """An OpenVINO variant made from another form of the network than shared.export_form
+    gives its family now: to be redone; False while nothing is made yet."""
+    from shared.export_form import export_form
+
+    return _recipe_changed(variant_dir, "export_form", export_form(model), None, "another export form than")
+
+
+def _recipe_changed(variant_dir: Path, key: str, wanted, absent, what: str) -> bool:
     info_path = Path(variant_dir) / "variant.json"
-    if not info_path.exists():
+    if not info_path.exists() or read_json(info_path).get(key, absent) == wanted:
         return False
-    wanted = list(int8_fp32_modules(model)[0])
-    if read_json(info_path).get("fp32_modules", []) == wanted:
-        return False
-    print(f"{variant_dir}: made with other modules in fp32 than {wanted}: redoing it")
+    print(f"{variant_dir}: made with {what} {wanted}: redoing it")
     return True
 
 

@@ -154,3 +154,48 @@ def test_the_op_profile_accounts_for_the_whole_forward(exported):
     ms, rows = profile(root / "openvino_int8" / "model.xml", batch=2)
     assert ms > 0 and rows and abs(sum(share for _, share, _ in rows) - 1) < 1e-6
     assert all(kind and kernels for kind, _, kernels in rows)  # every operation type names the kernels that ran
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu"])
+def test_convnext_export_form_is_the_same_function_without_permutes(profile, tmp_path):
+    """The channels-first ConvNeXt gives the trained network's logits, and OpenVINO sees one MVN per LayerNorm and
+    no Transpose (the permutes its CPU plugin ran slowly)."""
+    import openvino as ov
+    from shared.config import resolve
+    from shared.export_form import for_export
+    from shared.runs import build_from_config
+    from shared.variants import export_form_changed
+
+    cfg = resolve("convnext", profile)
+    torch.manual_seed(0)
+    model = build_from_config(cfg).eval()
+    with torch.no_grad():  # non-trivial affine parameters, so a wrong axis or a dropped scale shows
+        for name, p in model.named_parameters():
+            if "norm" in name or "gamma" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") or "gamma" in name else 0.0))
+    exported = for_export(model, "convnext")
+    assert exported is not model and not any(type(m).__name__ == "LayerNorm2d" for m in exported.modules())
+    shape = [4, *resolve_input_shape(cfg)]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        reference = model(x)
+        assert (exported(x) - reference).abs().max().item() < 1e-4
+    ir = ov.convert_model(exported, example_input=x[:2])
+    types = [op.get_type_name() for op in ir.get_ordered_ops()]
+    n_norms = sum(type(m).__name__ in ("LayerNorm2d", "LayerNorm") for m in model.modules())
+    assert types.count("MVN") == n_norms and "Transpose" not in types
+    out = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]
+    assert np.abs(out - reference.numpy()).max() < 1e-4
+    assert for_export(model, "vit") is model  # families without a form are converted as trained
+    (tmp_path / "variant.json").write_text(json.dumps({"fp32_modules": []}))  # an IR from before the form
+    assert export_form_changed(tmp_path, "convnext") and not export_form_changed(tmp_path, "vit")
+
+
+
+def resolve_input_shape(cfg):
+    from shared.nets import architecture_kwargs
+    from shared.representations import input_shape
+
+    n_samples = int(round(cfg["crop_seconds"] * cfg["sampling_rate"]))
+    extra = {k: v for k, v in architecture_kwargs(cfg).items() if k == "row_repeat"}
+    return input_shape(cfg["representation"], 12, n_samples, **extra)
