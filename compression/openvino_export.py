@@ -8,7 +8,9 @@ Variants (each in artifacts/compressed/<run>/<variant>/ with model.xml + model.b
                  IR, calibrated on the same training inputs as PT2E static int8 (shared.inputs.
                  calibration_inputs). When it loses more than AUC_BUDGET val macro AUC against openvino_fp32,
                  nncf.quantize_with_accuracy_control reverts the most harmful layers to fp32 until the loss is
-                 within the budget (on validation only) — both figures go into metrics.json.
+                 within the budget (on validation only) — both figures go into metrics.json. Weights the plain
+                 int8 pass leaves in fp32 (NNCF does not quantize e.g. effnetv2's squeeze-excitation convolutions,
+                 4.1 of its 9.3 MB) are then stored int8, weight-only (nncf.compress_weights, REST_WEIGHTS).
 Scored on the validation fold only (eval-all reads test once). A finished variant of the run's present
 checkpoint is skipped unless --force. Loading an IR runs no Python code (shared/formats/openvino_model.py).
 """
@@ -26,7 +28,8 @@ import torch
 
 from shared.cli import add_output_args, add_run_choice, chosen_run, comma_list, exit_code
 from shared.runs import checkpoint_sha256, load_run, read_config
-from shared.variants import artifact_bytes, export_form_changed, finished_variant, fp32_modules_changed
+from shared.variants import (artifact_bytes, export_form_changed, finished_variant, fp32_modules_changed,
+                             recipe_changed)
 from shared.cache import open_cache
 from shared.export_form import export_form, for_export
 from shared.dataset import ECGDataset
@@ -43,6 +46,8 @@ EXPORT_TOLERANCE = 1e-4         # max |logit difference| vs PyTorch the fp32 IR 
 CALIBRATION_BATCHES = 16        # as PT2E static int8 (compression/compress.py)
 QUICK_MAX_BATCHES = 3
 AUC_BUDGET = 0.005              # int8 may lose at most this much val macro AUC before accuracy control runs
+REST_WEIGHTS = "int8"           # weights plain PTQ leaves in fp32: "int8" (weight-only, INT8_SYM) or "fp32";
+                                # effnetv2: 2.38x -> 3.40x smaller, val 0.9278 -> 0.9284 (docs/benchmarks.md)
 COMPARE_RECORDS = 16            # val records for the fp32 check and max_abs_diff_vs_torch
 EVAL_CHUNK = 256
 
@@ -79,6 +84,23 @@ def convert_fp32(model: torch.nn.Module, family: str, compare: torch.Tensor, out
             "export_form": export_form(family), "max_abs_logit_diff_vs_torch": diff}
 
 
+def fp32_weight_bytes(ir) -> int:
+    """Bytes of fp32 weight tensors feeding a convolution or matrix product of an IR (what int8 left in fp32)."""
+    total = 0
+    for op in ir.get_ordered_ops():
+        if op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() == "f32":
+            users = {i.get_node().get_type_name() for i in op.output(0).get_target_inputs()}
+            if users & {"Convolution", "GroupConvolution", "MatMul"} and len(op.get_output_shape(0)) >= 2:
+                total += op.get_byte_size()
+    return total
+
+
+def int8_recipe_changed(variant_dir: Path, model: str) -> bool:
+    """An int8 IR made by an earlier recipe (other fp32 modules, export form or leftover-weight storage)."""
+    return (fp32_modules_changed(variant_dir, model) or export_form_changed(variant_dir, model)
+            or recipe_changed(variant_dir, "rest_weights", REST_WEIGHTS, "fp32", "leftover fp32 weights stored as"))
+
+
 def _validation_items(cache, adapter: InputAdapter, chunk: int = 32) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Validation records in chunks: (windows, labels, windows per record) for NNCF's accuracy control."""
     ds = ECGDataset(cache, "val")
@@ -113,10 +135,14 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
     # the converted IR names each node after the module it came from: "__module.global_pool.pool/aten::…"
     ignored = nncf.IgnoredScope(patterns=[rf".*__module\.{re.escape(m)}[./].*" for m in fp32_modules], validate=False)
     q = nncf.quantize(ir, nncf.Dataset(calib), model_type=model_type, subset_size=len(calib), ignored_scope=ignored)
+    left = fp32_weight_bytes(q)
+    if REST_WEIGHTS == "int8" and left:
+        q = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=ignored)
     info = {"api": "nncf.quantize (post-training)", "calibration_batches": len(calib),
             "calibration_records": int(sum(len(c) for c in calib)), "calibration_split": "train",
             "model_type": "transformer" if model_type else "default", "fp32_modules": list(fp32_modules),
-            "export_form": export_form(cfg["model"]),
+            "export_form": export_form(cfg["model"]), "rest_weights": REST_WEIGHTS,
+            "fp32_weight_bytes_after_ptq": left, "fp32_weight_bytes": fp32_weight_bytes(q),
             "fp32_reason": fp32_reason}
     items = _validation_items(cache, adapter)
     ptq_auc = _macro_auc_of(ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), items)
@@ -128,7 +154,7 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
             ir, nncf.Dataset(calib), nncf.Dataset(items, lambda item: item[0]),
             validation_fn=lambda compiled, data: _macro_auc_of(compiled, data), max_drop=AUC_BUDGET,
             drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calib), ignored_scope=ignored)
-        info["api"] = "nncf.quantize_with_accuracy_control"
+        info.update(api="nncf.quantize_with_accuracy_control", rest_weights_note="fp32 (as accuracy control left them)")
     ov.save_model(q, str(out / "model.xml"), compress_to_fp16=False)
     return info
 
@@ -140,7 +166,7 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     source_sha256 = checkpoint_sha256(run_dir)
     model = read_config(run_dir)["model"]
     results = {v: finished_variant(root / v, run_dir, source_sha256, force or export_form_changed(root / v, model) or (
-        v == "openvino_int8" and fp32_modules_changed(root / v, model)))
+        v == "openvino_int8" and int8_recipe_changed(root / v, model)))
                for v in variants}
     todo = [v for v, done in results.items() if done is None]
     if not todo:

@@ -13,8 +13,9 @@ How:
     fraction chosen so that step k leaves (1 − target·k/steps) of the parent's parameters (or MACs); each step
     is followed by a short fine-tune, the last by the recovery fine-tune. Extra steps run until the target is
     met, so the reduction reached is ≥ the target.
-  * importance (IMPORTANCE, --importance): group L2 magnitude, or first-order Taylor |w·∂L/∂w| from
-    TAYLOR_BATCHES training batches before each step.
+  * importance (IMPORTANCE, IMPORTANCE_BY_FAMILY, --importance): group L2 magnitude, or first-order Taylor
+    |w·∂L/∂w| from TAYLOR_BATCHES training batches before each step. A variant made with another importance
+    than the one asked for now is redone.
   * fine-tuning distils from the unpruned parent (frozen, eval mode) on the same random crops the student sees:
     loss = (1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)) per class (KD_ALPHA, KD_T; --kd-alpha 0 = plain fine-tuning).
   * the artifact is structured.safetensors + shapes.json, rebuilt without pickle by shared/structured.py.
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from shared.cli import add_output_args, add_run_choice, chosen_run
 from shared.runs import channels_last_if_configured, checkpoint_sha256, load_run
-from shared.variants import export_form_changed, finished_variant, fp32_modules_changed
+from shared.variants import finished_variant, recipe_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
@@ -60,6 +61,9 @@ from shared.training import train_step
 METHOD = "structured"
 INT8_VARIANT = "structured_openvino_int8"
 IMPORTANCE = "magnitude"       # magnitude | taylor (docs/benchmarks.md: magnitude won 3 of 4)
+IMPORTANCE_BY_FAMILY = {       # where Taylor kept more val AUC on the sample's cpu run (docs/benchmarks.md)
+    "xresnet1d101": "taylor",  # structured −0.0047 vs −0.0049, + int8 −0.0048 vs −0.0052
+}
 TARGET_PARAMS = 0.4            # fraction of the parent's parameters to remove (or --target-macs)
 PRUNE_STEPS = 4                # small steps, each followed by STEP_FINETUNE_BATCHES of fine-tuning
 STEP_FINETUNE_BATCHES = 25     # ~3 epochs over 4 steps on the sample; 100 cost ~2.7 min a step per model
@@ -423,7 +427,7 @@ def make_structured(run_dir: Path, parent: nn.Module, cfg: dict, cache, adapter:
 
 
 def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None = None, force: bool = False,
-              target: float = TARGET_PARAMS, by: str = "params", importance: str = IMPORTANCE,
+              target: float = TARGET_PARAMS, by: str = "params", importance: str | None = None,
               kd_alpha: float = KD_ALPHA, kd_t: float = KD_T, steps: int | None = None,
               step_batches: int | None = None, finetune_epochs: int | None = None,
               finetune_batches: int | None = None, lr_factor: float = FINETUNE_LR_FACTOR, then_int8: bool = False,
@@ -439,10 +443,12 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     root = (out_root or compressed_dir()) / run_dir.name
     out = root / METHOD
     source_sha256 = checkpoint_sha256(run_dir)
+    importance = importance or IMPORTANCE_BY_FAMILY.get(cfg["model"], IMPORTANCE)
     opts = dict(target=target, by=by, importance=importance, kd_alpha=kd_alpha, kd_t=kd_t, steps=steps,
                 step_batches=step_batches, finetune_epochs=finetune_epochs, finetune_batches=finetune_batches,
                 lr_factor=lr_factor)
-    done = finished_variant(out, run_dir, source_sha256, force)
+    done = finished_variant(out, run_dir, source_sha256, force or recipe_changed(
+        out, "importance", importance, IMPORTANCE, "another unit importance than"))
     windows = eval_windows(cache, adapter)
     if done is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -496,8 +502,7 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
 
     out = root / INT8_VARIANT
     structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
-    done = finished_variant(out, run_dir, source_sha256, force or fp32_modules_changed(out, cfg["model"])
-                           or export_form_changed(out, cfg["model"]))
+    done = finished_variant(out, run_dir, source_sha256, force or ove.int8_recipe_changed(out, cfg["model"]))
     if done is not None:
         if read_json(out / "variant.json").get("structured_sha256") == structured_sha:
             return done
@@ -556,8 +561,9 @@ def main(argv=None) -> int:
                      help=f"fraction of the parameters to remove (default {TARGET_PARAMS})")
     tgt.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
                      help="fraction of the MACs to remove instead")
-    ap.add_argument("--importance", choices=("magnitude", "taylor"), default=IMPORTANCE,
-                    help="unit importance: group L2 magnitude or first-order Taylor (default %(default)s)")
+    ap.add_argument("--importance", choices=("magnitude", "taylor"), default=None,
+                    help=f"unit importance: group L2 magnitude or first-order Taylor (default {IMPORTANCE}; "
+                         + ", ".join(f"{k}: {v}" for k, v in IMPORTANCE_BY_FAMILY.items()) + ")")
     ap.add_argument("--kd-alpha", type=float, default=KD_ALPHA,
                     help="weight of distillation from the unpruned model; 0 = plain fine-tuning (default %(default)s)")
     ap.add_argument("--kd-t", type=float, default=KD_T, help="distillation temperature (default %(default)s)")

@@ -30,8 +30,8 @@ def fp32_modules_changed(variant_dir: Path, model: str) -> bool:
     names for its family now (made by an earlier recipe: to be redone); False while nothing is made yet."""
     from shared.nets import int8_fp32_modules
 
-    return _recipe_changed(variant_dir, "fp32_modules", list(int8_fp32_modules(model)[0]), [],
-                           "other modules in fp32 than")
+    return recipe_changed(variant_dir, "fp32_modules", list(int8_fp32_modules(model)[0]), [],
+                          "other modules in fp32 than")
 
 
 def export_form_changed(variant_dir: Path, model: str) -> bool:
@@ -39,10 +39,12 @@ def export_form_changed(variant_dir: Path, model: str) -> bool:
     gives its family now: to be redone; False while nothing is made yet."""
     from shared.export_form import export_form
 
-    return _recipe_changed(variant_dir, "export_form", export_form(model), None, "another export form than")
+    return recipe_changed(variant_dir, "export_form", export_form(model), None, "another export form than")
 
 
-def _recipe_changed(variant_dir: Path, key: str, wanted, absent, what: str) -> bool:
+def recipe_changed(variant_dir: Path, key: str, wanted, absent, what: str) -> bool:
+    """A made variant whose variant.json records `key` ≠ `wanted` (`absent` when it lacks the key): an earlier
+    recipe, to be redone (says so in one line); False while nothing is made yet."""
     info_path = Path(variant_dir) / "variant.json"
     if not info_path.exists() or read_json(info_path).get(key, absent) == wanted:
         return False
