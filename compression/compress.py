@@ -36,7 +36,7 @@ from shared.formats.dynamic_int8 import quantize_dynamic, save_dynamic
 from shared.formats.exported import save_exported
 from shared.formats.sparse import nonzero_parameters, save_sparse
 from shared.runs import channels_last_if_configured, checkpoint_sha256, find_run, load_run
-from shared.variants import finished_variant, fp32_modules_changed
+from shared.variants import finished_variant, fp32_modules_changed, recipe_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
 from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
@@ -178,11 +178,11 @@ def do_static(model, cfg, cache, adapter, out: Path, quick: bool, batches: int =
             "fp32_modules": list(fp32_modules), "fp32_reason": fp32_reason}, converted
 
 
-def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
+def do_qat(model, cfg, cache, adapter, out: Path, quick: bool, kd_alpha: float = QAT_KD_ALPHA) -> tuple:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    teacher = copy.deepcopy(model).eval() if QAT_KD_ALPHA > 0 else None  # frozen: QAT updates the shared weights
+    teacher = copy.deepcopy(model).eval() if kd_alpha > 0 else None  # frozen: QAT updates the shared weights
     example = example_input(cache, adapter, n=4)
     batch = torch.export.Dim("batch", min=2, max=4096)
     graph = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
@@ -190,7 +190,7 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
     allow_exported_model_train_eval(prepared)
     epochs = 1 if quick else QAT_EPOCHS
     finetune(prepared, cfg, cache, adapter, epochs, QUICK_MAX_BATCHES if quick else None, "QAT", QAT_LR_FACTOR,
-             teacher=teacher, kd_alpha=QAT_KD_ALPHA)
+             teacher=teacher, kd_alpha=kd_alpha)
     prepared.eval()
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)
@@ -198,12 +198,12 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool) -> tuple:
     save_exported(out / "model.pt2", converted, example)
     return {"artifact": "model.pt2", "api": "torchao PT2E QAT + X86InductorQuantizer", "qat_epochs": epochs,
             "qat_lr": cfg["lr"] * QAT_LR_FACTOR, "distilled_from": "the fp32 parent" if teacher else None,
-            "kd_alpha": QAT_KD_ALPHA, "kd_temperature": KD_TEMPERATURE}, converted
+            "kd_alpha": kd_alpha, "kd_temperature": KD_TEMPERATURE}, converted
 
 
 # ------------------------------------------------------------------ driver
 def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, out_root: Path | None = None,
-             force: bool = False) -> dict:
+             force: bool = False, qat_kd_alpha: float = QAT_KD_ALPHA) -> dict:
     _, cfg = load_run(run_dir)
     cache = open_cache(data_dir or data_cache_dir(cfg["sampling_rate"]))
     adapter = InputAdapter(cfg, cache.sampling_rate)
@@ -213,7 +213,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
     source_sha256 = checkpoint_sha256(run_dir)
     for method in methods:
         out = root / method
-        done = finished_variant(out, run_dir, source_sha256, force or _recipe_changed(out, method, cfg))
+        done = finished_variant(out, run_dir, source_sha256, force or _recipe_changed(out, method, cfg, qat_kd_alpha))
         if done is not None:
             results[method] = done
             continue
@@ -222,7 +222,7 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
         model, _ = load_run(run_dir)  # a fresh fp32 copy for every method
         t0 = time.time()
         try:
-            info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick)
+            info, evaluated = _apply(method, model, cfg, cache, adapter, out, quick, qat_kd_alpha)
             seconds = time.time() - t0
             if method not in COMPILED_METHODS:
                 evaluated = channels_last_if_configured(evaluated, cfg)
@@ -245,31 +245,32 @@ def compress(run_dir: Path, methods: list[str], data_dir: Path | None = None, ou
     return results
 
 
-def _recipe_changed(out: Path, method: str, cfg: dict) -> bool:
+def _recipe_changed(out: Path, method: str, cfg: dict, qat_kd_alpha: float) -> bool:
     """A finished variant made by another recipe than today's is redone: a static one with other fp32 modules
-    than INT8_FP32_MODULES names, a dynamic one whose heads took one activation range per batch."""
+    than INT8_FP32_MODULES names, a dynamic one whose heads took one activation range per batch, a QAT one
+    distilled with another weight."""
     if method == "static":
         return fp32_modules_changed(out, cfg["model"])
-    if method != "dynamic" or not (out / "variant.json").exists():
-        return False
-    changed = read_json(out / "variant.json").get("activation_range") != ACTIVATION_RANGE
-    if changed:
-        print(f"{out}: made by an earlier recipe: redoing it")
-    return changed
+    if method == "dynamic":
+        return recipe_changed(out, "activation_range", ACTIVATION_RANGE, None, "another activation range than")
+    if method == "qat":
+        return recipe_changed(out, "kd_alpha", qat_kd_alpha, None, "another distillation weight than")
+    return False
 
 
 class CompressionFailed(RuntimeError):
     pass
 
 
-def _apply(method, model, cfg, cache, adapter, out, quick):
+def _apply(method, model, cfg, cache, adapter, out, quick, qat_kd_alpha=QAT_KD_ALPHA):
     """Run one method; return (variant info, the model to evaluate)."""
     if method == "prune":
         return do_prune(model, cfg, cache, adapter, out, quick), model
     if method == "dynamic":
         return do_dynamic(model, cfg, cache, adapter, out, quick)
     if method in COMPILED_METHODS:
-        info, _ = (do_static if method == "static" else do_qat)(model, cfg, cache, adapter, out, quick)
+        info, _ = (do_static(model, cfg, cache, adapter, out, quick) if method == "static"
+                   else do_qat(model, cfg, cache, adapter, out, quick, qat_kd_alpha))
         # int8 kernels exist only once inductor lowers the graph, and lowering can fail: build the package that
         # eval-all and predict load (shared.formats.compiled.load_compiled) here, and score the variant with it
         compiled = load_compiled(out, info["artifact"])
@@ -295,7 +296,6 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-kd-alpha", type=float, default=QAT_KD_ALPHA,
                     help="weight of distillation from the fp32 parent in QAT (0: labels only; default %(default)s)")
     args = ap.parse_args(argv)
-    globals()["QAT_KD_ALPHA"] = args.qat_kd_alpha  # the knob at the top, overridden for this run
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run = args.run or find_run(args.model, args.profile, args.representation, args.kd)
-        compress(run, methods, args.data, args.out, args.force)
+        compress(run, methods, args.data, args.out, args.force, args.qat_kd_alpha)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

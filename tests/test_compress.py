@@ -209,16 +209,23 @@ def test_dynamic_int8_heads_do_not_depend_on_the_batch():
 def test_variants_of_an_earlier_recipe_are_redone(tmp_path, capsys):
     from compression.compress import ACTIVATION_RANGE, _recipe_changed
 
+    def changed(folder, method, model, alpha=0.5):
+        return _recipe_changed(folder, method, {"model": model}, alpha)
+
     out = tmp_path / "static"
     out.mkdir()
     (out / "variant.json").write_text(json.dumps({"fp32_modules": []}))
-    assert _recipe_changed(out, "static", {"model": "effnetv2"})  # made before its pool stayed fp32
-    assert not _recipe_changed(out, "static", {"model": "convnext"})  # convnext keeps nothing in fp32
+    assert changed(out, "static", "effnetv2")  # made before its pool stayed fp32
+    assert not changed(out, "static", "convnext")  # convnext keeps nothing in fp32
     (out / "variant.json").write_text(json.dumps({"fp32_modules": ["global_pool"]}))
-    assert not _recipe_changed(out, "static", {"model": "effnetv2"})
+    assert not changed(out, "static", "effnetv2")
     dyn = tmp_path / "dynamic"
     dyn.mkdir()
     (dyn / "variant.json").write_text("{}")  # its head took one activation range per batch
-    assert _recipe_changed(dyn, "dynamic", {"model": "vit"}) and "earlier recipe" in capsys.readouterr().out
+    assert changed(dyn, "dynamic", "vit") and "redoing it" in capsys.readouterr().out
     (dyn / "variant.json").write_text(json.dumps({"activation_range": ACTIVATION_RANGE}))
-    assert not _recipe_changed(dyn, "dynamic", {"model": "vit"})
+    assert not changed(dyn, "dynamic", "vit")
+    qat = tmp_path / "qat"
+    qat.mkdir()
+    (qat / "variant.json").write_text(json.dumps({"kd_alpha": 0.5}))
+    assert not changed(qat, "qat", "vit") and changed(qat, "qat", "vit", alpha=0.0)  # --qat-kd-alpha 0: redone
