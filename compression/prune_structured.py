@@ -13,9 +13,9 @@ How:
     fraction chosen so that step k leaves (1 − target·k/steps) of the parent's parameters (or MACs); each step
     is followed by a short fine-tune, the last by the recovery fine-tune. Extra steps run until the target is
     met, so the reduction reached is ≥ the target.
-  * importance (IMPORTANCE, IMPORTANCE_BY_FAMILY, --importance): group L2 magnitude, or first-order Taylor
-    |w·∂L/∂w| from TAYLOR_BATCHES training batches before each step. A variant made with another importance
-    than the one asked for now is redone.
+  * importance (IMPORTANCE, --importance): group L2 magnitude, or first-order Taylor |w·∂L/∂w| from
+    TAYLOR_BATCHES training batches before each step. FAMILY_RECIPES changes importance and fine-tune lengths
+    for the families the defaults did not recover; a variant made by another recipe than today's is redone.
   * fine-tuning distils from the unpruned parent (frozen, eval mode) on the same random crops the student sees:
     loss = (1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)) per class (KD_ALPHA, KD_T; --kd-alpha 0 = plain fine-tuning).
   * the artifact is structured.safetensors + shapes.json, rebuilt without pickle by shared/structured.py.
@@ -61,8 +61,9 @@ from shared.training import train_step
 METHOD = "structured"
 INT8_VARIANT = "structured_openvino_int8"
 IMPORTANCE = "magnitude"       # magnitude | taylor (docs/benchmarks.md: magnitude won 3 of 4)
-IMPORTANCE_BY_FAMILY = {       # where Taylor kept more val AUC on the sample's cpu run (docs/benchmarks.md)
-    "xresnet1d101": "taylor",  # structured −0.0047 vs −0.0049, + int8 −0.0048 vs −0.0052
+FAMILY_RECIPES = {             # where the defaults lost too much val AUC on the sample's cpu run (docs/benchmarks.md)
+    "xresnet1d101": {"importance": "taylor"},  # structured + int8 −0.0048 (magnitude −0.0052)
+    "effnetv2": {"importance": "taylor", "step_batches": 50, "finetune_epochs": 4},  # −0.0021 (defaults −0.0218)
 }
 TARGET_PARAMS = 0.4            # fraction of the parent's parameters to remove (or --target-macs)
 PRUNE_STEPS = 4                # small steps, each followed by STEP_FINETUNE_BATCHES of fine-tuning
@@ -393,9 +394,7 @@ def make_structured(run_dir: Path, parent: nn.Module, cfg: dict, cache, adapter:
     student = copy.deepcopy(parent)
     example = eval_windows(cache, adapter, 1)[:1]
     steps = opts["steps"] or PRUNE_STEPS
-    step_batches = opts["step_batches"] if opts["step_batches"] is not None else (
-        QUICK_STEP_BATCHES if quick else STEP_FINETUNE_BATCHES)
-    epochs = opts["finetune_epochs"] if opts["finetune_epochs"] is not None else FINETUNE_EPOCHS
+    step_batches, epochs = opts["step_batches"], opts["finetune_epochs"]
     per_epoch = len(ECGDataset(cache, "train")) // cfg["batch_size"] or 1
     cap = opts["finetune_batches"] or (QUICK_FINETUNE_BATCHES if quick else per_epoch)
     final_batches = epochs * min(per_epoch, cap)
@@ -420,10 +419,29 @@ def make_structured(run_dir: Path, parent: nn.Module, cfg: dict, cache, adapter:
     info.update(final_finetune_batches=final_batches, final_finetune_loss=loss, seconds=round(time.time() - t0, 1))
     info.update(save_structured(out, student, cfg))
     info.update(importance=opts["importance"], kd_alpha=opts["kd_alpha"], kd_t=opts["kd_t"],
-                lr=cfg["lr"] * opts["lr_factor"], step_finetune_batches=step_batches, taylor_batches=(
+                lr=cfg["lr"] * opts["lr_factor"], step_finetune_batches=step_batches, finetune_epochs=epochs,
+                taylor_batches=(
                     taylor_batches if opts["importance"] == "taylor" else 0),
                 library="torch-pruning (DepGraph)", heads_min=MIN_HEADS, round_to=ROUND_TO)
     return student, info
+
+
+RECIPE_KEYS = (  # variant.json key, opts key, value when variant.json lacks it, what differs
+    ("importance", "importance", IMPORTANCE, "another unit importance than"),
+    ("step_finetune_batches", "step_batches", STEP_FINETUNE_BATCHES, "other fine-tune batches per step than"),
+    ("finetune_epochs", "finetune_epochs", FINETUNE_EPOCHS, "other recovery fine-tune epochs than"))
+
+
+def recipe(cfg: dict, importance: str | None, step_batches: int | None, finetune_epochs: int | None) -> dict:
+    """Importance and fine-tune lengths: as asked, else the family's FAMILY_RECIPES entry, else the defaults
+    (quick runs: the quick batch counts)."""
+    quick = cfg.get("profile") == "quick"
+    family = FAMILY_RECIPES.get(cfg["model"], {})
+    default_steps = QUICK_STEP_BATCHES if quick else family.get("step_batches", STEP_FINETUNE_BATCHES)
+    return {"importance": importance or family.get("importance", IMPORTANCE),
+            "step_batches": default_steps if step_batches is None else step_batches,
+            "finetune_epochs": finetune_epochs if finetune_epochs is not None else (
+                FINETUNE_EPOCHS if quick else family.get("finetune_epochs", FINETUNE_EPOCHS))}
 
 
 def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None = None, force: bool = False,
@@ -443,12 +461,10 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     root = (out_root or compressed_dir()) / run_dir.name
     out = root / METHOD
     source_sha256 = checkpoint_sha256(run_dir)
-    importance = importance or IMPORTANCE_BY_FAMILY.get(cfg["model"], IMPORTANCE)
-    opts = dict(target=target, by=by, importance=importance, kd_alpha=kd_alpha, kd_t=kd_t, steps=steps,
-                step_batches=step_batches, finetune_epochs=finetune_epochs, finetune_batches=finetune_batches,
-                lr_factor=lr_factor)
-    done = finished_variant(out, run_dir, source_sha256, force or recipe_changed(
-        out, "importance", importance, IMPORTANCE, "another unit importance than"))
+    opts = dict(target=target, by=by, kd_alpha=kd_alpha, kd_t=kd_t, steps=steps, finetune_batches=finetune_batches,
+                lr_factor=lr_factor, **recipe(cfg, importance, step_batches, finetune_epochs))
+    done = finished_variant(out, run_dir, source_sha256, force or any(recipe_changed(out, key, opts[name], absent, what)
+                            for key, name, absent, what in RECIPE_KEYS))
     windows = eval_windows(cache, adapter)
     if done is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -563,16 +579,18 @@ def main(argv=None) -> int:
                      help="fraction of the MACs to remove instead")
     ap.add_argument("--importance", choices=("magnitude", "taylor"), default=None,
                     help=f"unit importance: group L2 magnitude or first-order Taylor (default {IMPORTANCE}; "
-                         + ", ".join(f"{k}: {v}" for k, v in IMPORTANCE_BY_FAMILY.items()) + ")")
+                         "the families of FAMILY_RECIPES: " + ", ".join(
+                             f"{k} {v['importance']}" for k, v in FAMILY_RECIPES.items()) + ")")
     ap.add_argument("--kd-alpha", type=float, default=KD_ALPHA,
                     help="weight of distillation from the unpruned model; 0 = plain fine-tuning (default %(default)s)")
     ap.add_argument("--kd-t", type=float, default=KD_T, help="distillation temperature (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help=f"pruning steps (default {PRUNE_STEPS})")
     ap.add_argument("--step-batches", type=int, default=None,
                     help=f"fine-tune batches after each step (default {STEP_FINETUNE_BATCHES}, quick "
-                         f"{QUICK_STEP_BATCHES})")
+                         f"{QUICK_STEP_BATCHES}, FAMILY_RECIPES: effnetv2 50)")
     ap.add_argument("--finetune-epochs", type=int, default=None,
-                    help=f"recovery fine-tune epochs after the last step (default {FINETUNE_EPOCHS})")
+                    help=f"recovery fine-tune epochs after the last step (default {FINETUNE_EPOCHS}, FAMILY_RECIPES: "
+                         "effnetv2 4)")
     ap.add_argument("--finetune-batches", type=int, default=None,
                     help=f"at most this many batches per recovery epoch (default all, quick {QUICK_FINETUNE_BATCHES})")
     ap.add_argument("--lr-factor", type=float, default=FINETUNE_LR_FACTOR,

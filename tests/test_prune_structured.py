@@ -252,3 +252,26 @@ def test_bad_arguments_give_one_error_line(tmp_path, quick_resnet_run):
     assert len(stderr.strip().splitlines()) == 1
     rc, _, stderr = _main("--run", quick_resnet_run, "--kd-alpha", "2")
     assert rc == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1
+
+
+def test_family_recipes_and_variants_of_another_recipe_are_redone(tmp_path):
+    """effnetv2 and xresnet1d101 prune with their own recipe (the defaults lost too much val AUC); a finished
+    variant made by another recipe is redone, one made by today's is kept."""
+    from compression.prune_structured import RECIPE_KEYS, recipe
+    from shared.variants import recipe_changed
+
+    eff = recipe({"model": "effnetv2", "profile": "cpu"}, None, None, None)
+    assert eff == {"importance": "taylor", "step_batches": 50, "finetune_epochs": 4}
+    assert recipe({"model": "vit", "profile": "cpu"}, None, None, None)["importance"] == "magnitude"
+    assert recipe({"model": "effnetv2", "profile": "quick"}, None, None, None)["step_batches"] < 50
+    assert recipe({"model": "effnetv2", "profile": "cpu"}, "magnitude", 7, 0) == {
+        "importance": "magnitude", "step_batches": 7, "finetune_epochs": 0}  # asked for: as asked
+
+    def changed(opts):
+        return any(recipe_changed(tmp_path, key, opts[name], absent, what) for key, name, absent, what in RECIPE_KEYS)
+
+    (tmp_path / "variant.json").write_text(json.dumps({"importance": "magnitude", "step_finetune_batches": 25}))
+    assert changed(eff) and not changed(recipe({"model": "vit", "profile": "cpu"}, None, None, None))
+    (tmp_path / "variant.json").write_text(json.dumps(
+        {"importance": "taylor", "step_finetune_batches": 50, "finetune_epochs": 4}))
+    assert not changed(eff)
