@@ -33,8 +33,25 @@ def collect(root: Path, profile: str) -> list[dict]:
                      "val_auc": m["val"]["macro_auc"],
                      "test_auc": m["test"]["macro_auc"], "params": m["params"], "train_seconds": m["train_seconds"],
                      "epochs": m["epochs_run"], "best_epoch": m["best_epoch"], "data_share": m.get("data_time_share"),
-                     "samples_per_s": m.get("train_samples_per_s"), "teacher": run_teacher(path.parent, m)})
+                     "samples_per_s": m.get("train_samples_per_s"), "teacher": distillation(path.parent, m)})
     return rows
+
+
+def distillation(run_dir: Path, metrics: dict) -> str | None:
+    """The teacher, with the distillation settings that differ from the defaults ("resnet1d_wang, kd_mode=hard"),
+    so that runs distilled differently are not averaged together; None for a run trained on labels alone."""
+    from shared.config import DEFAULTS
+    from shared.runs import read_config
+
+    teacher = run_teacher(run_dir, metrics)
+    if not teacher:
+        return None
+    try:
+        cfg = read_config(run_dir)
+    except (OSError, ValueError):  # no readable config.json: the defaults
+        cfg = DEFAULTS
+    changed = [f"{k}={cfg[k]}" for k in ("kd_mode", "kd_alpha", "kd_temperature") if cfg[k] != DEFAULTS[k]]
+    return ", ".join([teacher, *changed])
 
 
 def bakeoff(rows: list[dict]) -> list[dict]:

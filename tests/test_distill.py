@@ -229,9 +229,13 @@ def test_summary_shows_each_distilled_run_against_its_plain_twin(tmp_path):
     run("vit-leads-cpu", "vit", 0.2)
     run("vit-leads-cpu-kd", "vit", 0.5, teacher="resnet1d_wang")
     run("vit-leads-cpu-kd-seed1", "vit", 0.5, teacher="resnet1d_wang", seed=1)  # no plain twin: not listed
+    run("vit-leads-cpu-kdhard", "vit", 0.4, teacher="resnet1d_wang")  # another recipe: its own group and label
+    (tmp_path / "vit-leads-cpu-kdhard" / "config.json").write_text(json.dumps({"kd_mode": "hard"}))
     rows = summarize.collect(tmp_path, "cpu")
     kd = summarize.distilled_vs_plain(rows, tmp_path, n_resamples=50)
-    assert [(k["run"], k["plain"]) for k in kd] == [("vit-leads-cpu-kd", "vit-leads-cpu")]
+    assert [(k["run"], k["plain"], k["teacher"]) for k in kd] == [
+        ("vit-leads-cpu-kd", "vit-leads-cpu", "resnet1d_wang"),
+        ("vit-leads-cpu-kdhard", "vit-leads-cpu", "resnet1d_wang, kd_mode=hard")]
     assert kd[0]["delta_val"] == pytest.approx(0.03) and kd[0]["paired"]["delta"] > 0
     assert [g["config"] for g in summarize.seed_spread(rows)] == ["default + kd(resnet1d_wang)"]
     md = summarize.markdown(rows, [], "cpu", kd=kd)
