@@ -82,6 +82,7 @@ ROUND_TO = 8                   # widths rounded to the nearest multiple (narrowe
                                # on 1 thread ran 844 vs 667 windows/s unrounded (−43 % vs −41 % MACs), vit,
                                # effnetv2, convnext 1-5 % faster
 CALIBRATION_BATCHES = 16       # int8 calibration, as compress.py and openvino_export.py
+MIN_INT8_BUDGET = 0.001        # the int8 step's val AUC budget: openvino_export's less what pruning lost, at least this
 SPEED_ROUNDS = 5               # alternating rounds of pruned vs parent forward timing
 SPEED_RUNS = 3                 # timed forwards per model and round
 QUICK_STEP_BATCHES = 2
@@ -527,13 +528,16 @@ def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict,
     (out / "metrics.json").unlink(missing_ok=True)
     compare = ove.val_windows(cache, adapter)
     fp32_auc = read_json(structured_dir / "metrics.json")["val"]["macro_auc"]
+    # the deploy candidate must stay within the budget of the run's fp32 model: what pruning lost is spent
+    lost = read_json(run_dir / "metrics.json")["val"]["macro_auc"] - fp32_auc
+    budget = max(ove.AUC_BUDGET - max(lost, 0.0), MIN_INT8_BUDGET) if lost < ove.AUC_BUDGET else ove.AUC_BUDGET
     t0 = time.time()
     import tempfile
 
     try:
         with tempfile.TemporaryDirectory(prefix=".fp32-ir-", dir=out) as tmp:
             converted = ove.convert_fp32(model, cfg["model"], compare, Path(tmp))
-            info = ove.quantize_int8(Path(tmp) / "model.xml", out, cache, adapter, cfg, batches, fp32_auc)
+            info = ove.quantize_int8(Path(tmp) / "model.xml", out, cache, adapter, cfg, batches, fp32_auc, budget)
     except Exception as e:  # the converter or NNCF cannot handle this network
         raise PruningFailed(f"{run_dir.name}/{INT8_VARIANT}: {type(e).__name__}: {first_line(e)}") from e
     seconds = time.time() - t0

@@ -222,6 +222,6 @@ def test_weights_plain_int8_leaves_in_fp32_are_stored_int8(sample_cache, tmp_pat
     convert_fp32(model, "effnetv2", val_windows(cache, adapter, records=4), tmp_path)
     (tmp_path / "int8").mkdir()
     info = quantize_int8(tmp_path / "model.xml", tmp_path / "int8", cache, adapter, cfg, batches=1, fp32_auc=0.0)
-    assert info["fp32_weight_bytes_after_ptq"] > 4e6 and info["fp32_weight_bytes"] == 0
+    assert info["fp32_weight_bytes_after_quantization"] > 4e6 and info["fp32_weight_bytes"] == 0
     assert fp32_weight_bytes(ov.Core().read_model(str(tmp_path / "int8" / "model.xml"))) == 0
     assert fp32_weight_bytes(ov.Core().read_model(str(tmp_path / "model.xml"))) > 20e6
