@@ -152,14 +152,15 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
             validation_fn=lambda compiled, data: _macro_auc_of(compiled, data), max_drop=budget,
             drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=len(calib), ignored_scope=ignored)
         info["api"] = "nncf.quantize_with_accuracy_control"
-        q, _ = _rest_weights_int8(q, ignored, items, fp32_auc, budget, info)
+        q, _ = _rest_weights_int8(q, ignored, items, fp32_auc, budget, info, score=False)
     ov.save_model(q, str(out / "model.xml"), compress_to_fp16=False)
     return info
 
 
-def _rest_weights_int8(q, ignored, items, fp32_auc: float, budget: float, info: dict):
+def _rest_weights_int8(q, ignored, items, fp32_auc: float, budget: float, info: dict, score: bool = True):
     """(IR, its val macro AUC): `q` with the weights NNCF left in fp32 stored int8 (weight-only), unless
-    REST_WEIGHTS is "fp32" or that loses more than `budget` where `q` does not. Records the fp32 weight bytes."""
+    REST_WEIGHTS is "fp32" or that loses more than `budget` where `q` does not. Records the fp32 weight bytes.
+    score=False: the AUC (None) is not computed when nothing is to be decided (record_ir scores the saved IR)."""
     import nncf
     import openvino as ov
 
@@ -169,7 +170,7 @@ def _rest_weights_int8(q, ignored, items, fp32_auc: float, budget: float, info: 
     info["fp32_weight_bytes_after_quantization"] = left = fp32_weight_bytes(q)
     info["fp32_weight_bytes"] = left
     if REST_WEIGHTS != "int8" or not left:
-        return q, auc(q)
+        return q, auc(q) if score else None
     packed = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=ignored)
     packed_auc, plain_auc = auc(packed), None
     if fp32_auc - packed_auc > budget and fp32_auc - (plain_auc := auc(q)) <= budget:
@@ -184,8 +185,9 @@ def export(run_dir: Path, variants=VARIANTS, data_dir: Path | None = None, out_r
     root = (out_root or compressed_dir()) / run_dir.name
     source_sha256 = checkpoint_sha256(run_dir)
     model = read_config(run_dir)["model"]
-    results = {v: finished_variant(root / v, run_dir, source_sha256, force or export_form_changed(root / v, model) or (
-        v == "openvino_int8" and int8_recipe_changed(root / v, model)))
+    recipe_of = {"openvino_int8": int8_recipe_changed}  # the fp32 IR's recipe is its export form alone
+    results = {v: finished_variant(root / v, run_dir, source_sha256,
+                                   force or recipe_of.get(v, export_form_changed)(root / v, model))
                for v in variants}
     todo = [v for v, done in results.items() if done is None]
     if not todo:
