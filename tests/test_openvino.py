@@ -225,3 +225,57 @@ def test_weights_plain_int8_leaves_in_fp32_are_stored_int8(sample_cache, tmp_pat
     assert info["fp32_weight_bytes_after_quantization"] > 4e6 and info["fp32_weight_bytes"] == 0
     assert fp32_weight_bytes(ov.Core().read_model(str(tmp_path / "int8" / "model.xml"))) == 0
     assert fp32_weight_bytes(ov.Core().read_model(str(tmp_path / "model.xml"))) > 20e6
+
+
+@pytest.mark.parametrize("aucs, tried, control", [
+    ({"performance": 0.90, "mixed": 0.80}, ["performance"], None),           # within budget: the fastest kept
+    ({"performance": 0.80, "mixed": 0.899}, ["performance", "mixed"], None),  # symmetric loses: asymmetric kept
+    ({"performance": 0.85, "mixed": 0.80}, ["performance", "mixed"], "performance")])  # both lose: the better one
+def test_cnn_int8_tries_asymmetric_activations_before_accuracy_control(sample_cache, tmp_path, monkeypatch,
+                                                                       aucs, tried, control):
+    """Symmetric activations first (fastest); asymmetric (MIXED) when they lose more than the budget; accuracy
+    control only when both do, with the preset that lost less."""
+    import nncf
+    from compression import openvino_export as ove
+    from shared.config import resolve
+    from shared.runs import build_from_config
+
+    calls = []
+    plain = nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda *a, **kw: calls.append(kw["preset"]) or plain(*a, **kw))
+    monkeypatch.setattr(ove, "_rest_weights_int8", lambda q, *a, score=True: (
+        q, aucs[calls[-1].name.lower()] if score else None))
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control",
+                        lambda ir, calib, *a, preset, **kw: calls.append(("control", preset)) or plain(ir, calib))
+    cfg = resolve("resnet1d_wang", "quick")
+    model = build_from_config(cfg).eval()
+    cache = open_cache(sample_cache)
+    adapter = InputAdapter(cfg, cache.sampling_rate)
+    ove.convert_fp32(model, "resnet1d_wang", ove.val_windows(cache, adapter, records=4), tmp_path)
+    (tmp_path / "int8").mkdir()
+    info = ove.quantize_int8(tmp_path / "model.xml", tmp_path / "int8", cache, adapter, cfg, batches=1,
+                             fp32_auc=0.9, budget=0.005)
+    assert info["presets"] == tried and [p.name.lower() for p in calls[:len(tried)]] == tried
+    if control is None:
+        assert len(calls) == len(tried) and info["api"] == "nncf.quantize (post-training)"
+        assert info["preset"] == tried[-1]
+    else:
+        assert calls[-1] == ("control", getattr(nncf.QuantizationPreset, control.upper()))
+        assert info["api"] == ove.ACCURACY_CONTROL and info["preset"] == control
+    assert ove.presets("vit") == ("mixed",)
+
+
+def test_an_ir_that_needed_accuracy_control_before_the_presets_is_redone(tmp_path):
+    from compression.openvino_export import ACCURACY_CONTROL, REST_WEIGHTS, int8_recipe_changed
+    from shared.export_form import export_form
+    from shared.nets import int8_fp32_modules
+
+    def made(**info):
+        (tmp_path / "variant.json").write_text(json.dumps({
+            "fp32_modules": list(int8_fp32_modules("effnetv2")[0]), "export_form": export_form("effnetv2"),
+            "rest_weights": REST_WEIGHTS, **info}))
+        return int8_recipe_changed(tmp_path, "effnetv2")
+
+    assert not made(api="nncf.quantize (post-training)")          # plain PTQ within budget: the same either way
+    assert made(api=ACCURACY_CONTROL)                               # only symmetric tried before accuracy control
+    assert not made(api=ACCURACY_CONTROL, presets=["performance", "mixed"])
