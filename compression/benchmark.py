@@ -5,7 +5,8 @@ compression never reads the test fold), and windows/s at batch 1 and 32 with 1 a
 bf16 autocast, pruned, structured, dynamic / static / QAT int8, ONNX Runtime and OpenVINO fp32 / int8.
 
 Ratios, never absolute times, are what compare across machines: each row's speed-up over the run's fp32
-PyTorch model and over the same runtime's fp32 (what int8 or pruning buys apart from the runtime), the
+PyTorch model (timed in alternating rounds with it, so that a host slowing down under other load shifts both
+sides of each ratio alike) and over the same runtime's fp32 (what int8 or pruning buys apart from the runtime), the
 achieved GMAC/s, and the speed-up the MAC ratio alone predicts. `--isa AVX2` runs the same measurement
 again with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA: PyTorch's and OpenVINO's CPU kernels), as a user
 without AVX-512/VNNI would see it; ONNX Runtime's MLAS does not read that variable, so its rows stay uncapped.
@@ -45,15 +46,32 @@ VARIANTS = ("fp32", "bf16", "prune", "structured", "dynamic", "static", "qat", "
 RUNTIME_FP32 = {"onnx_int8": "onnx_fp32", "openvino_int8": "openvino_fp32", "structured_openvino_int8": "openvino_fp32"}
 BATCHES = (1, 32)
 THREADS = (1, 2)
-RUNS = 20          # timed forward passes per setting (after warm-up)
-WARMUP = 3
+ROUNDS = 4         # alternating rounds of a variant's and the fp32 model's forwards per setting
+RUNS = 5           # timed forward passes per model and round (after warm-up)
+WARMUP = 3         # untimed forwards before a model's first round (1 before each later one)
 
 warnings.filterwarnings("ignore")
 
 
 def throughput(model, x: torch.Tensor, bf16: bool = False) -> float:
     with autocast(torch.device("cpu"), bf16):
-        return len(x) / float(np.median(time_forward(model, x, RUNS, WARMUP)))
+        return len(x) / float(np.median(time_forward(model, x, ROUNDS * RUNS, WARMUP)))
+
+
+def paired_speedup(model, fp32, x: torch.Tensor, bf16: bool = False) -> tuple[float, float]:
+    """(windows/s of `model`, its speed-up over `fp32`): the median of per-round time ratios over ROUNDS rounds
+    that alternate the two (which goes first alternates too). Timed minutes apart, one model's figure would carry
+    the host's drift between them."""
+    times, ratios = [], []
+    for i in range(ROUNDS):
+        warmup = WARMUP if i < 2 else 1
+        timed = {}
+        for name in (("model", "fp32") if i % 2 == 0 else ("fp32", "model")):
+            with autocast(torch.device("cpu"), bf16 and name == "model"):
+                timed[name] = time_forward(model if name == "model" else fp32, x, RUNS, warmup)
+        ratios.append(float(np.median(timed["fp32"]) / np.median(timed["model"])))
+        times.extend(timed["model"])
+    return len(x) / float(np.median(times)), float(np.median(ratios))
 
 
 def evaluated_test_auc(run: str, variant: str) -> float | None:
@@ -144,11 +162,15 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
     else:
         total, nonzero = info.get("params"), info.get("nonzero_params")
     row = {"variant": variant, "bytes": size, "params": total, "nonzero": nonzero, "val_auc": val, "test_auc": test,
-           "macs": macs_per_window(network, inputs)}
+           "macs": macs_per_window(network, inputs), "x_fp32": {}}
     for threads in THREADS:
         torch.set_num_threads(threads)
         for b in BATCHES:
-            row[f"b{b}_t{threads}"] = throughput(model, inputs[:b], bf16=variant == "bf16")
+            key = f"b{b}_t{threads}"
+            if variant == "fp32":
+                row[key], row["x_fp32"][key] = throughput(model, inputs[:b]), 1.0
+            else:
+                row[key], row["x_fp32"][key] = paired_speedup(model, fp32, inputs[:b], bf16=variant == "bf16")
     print(f"{variant}: done", flush=True)
     return row
 
@@ -177,8 +199,8 @@ def table(run_name: str, rows: list[dict], isa: str | None) -> str:
         lines.append(
             f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | {base['bytes'] / r['bytes']:.2f} | {r['nonzero']:,} | "
             f"{_num(macs, 1e-6, '.1f')} | {r['val_auc']:.4f} | {r['val_auc'] - base['val_auc']:+.4f} | "
-            f"{_num(r['test_auc'], 1, '.4f')} | {speeds} | {r['b32_t1'] / base['b32_t1']:.2f} | "
-            f"{r['b1_t1'] / base['b1_t1']:.2f} | {_num(same and r['b32_t1'] / same['b32_t1'], 1, '.2f')} | "
+            f"{_num(r['test_auc'], 1, '.4f')} | {speeds} | {_x(r, 'b32_t1'):.2f} | "
+            f"{_x(r, 'b1_t1'):.2f} | {_num(same and _x(r, 'b32_t1') / _x(same, 'b32_t1'), 1, '.2f')} | "
             f"{_num(macs and macs * r['b32_t1'], 1e-9, '.1f')} | {_num(base['macs'] and macs and base['macs'] / macs, 1, '.2f')} |")
     return "\n".join(lines) + "\n"
 
@@ -190,26 +212,31 @@ def summary(rows: list[dict]) -> list[str]:
     base, by = rows[0], {r["variant"]: r for r in rows}
 
     def vs_fp32(r):
-        return (f"{r['variant']}: b32/1t {r['b32_t1'] / base['b32_t1']:.2f}× fp32, b1/1t "
-                f"{r['b1_t1'] / base['b1_t1']:.2f}×, {base['bytes'] / r['bytes']:.2f}× smaller, "
+        return (f"{r['variant']}: b32/1t {_x(r, 'b32_t1'):.2f}× fp32, b1/1t "
+                f"{_x(r, 'b1_t1'):.2f}×, {base['bytes'] / r['bytes']:.2f}× smaller, "
                 f"Δ val {r['val_auc'] - base['val_auc']:+.4f}")
 
     ok = [r for r in rows if base["val_auc"] - r["val_auc"] <= DEPLOY_AUC_BUDGET]
     lines = [f"- recommended (fastest b32/1t within {DEPLOY_AUC_BUDGET} val AUC): "
-             + vs_fp32(max(ok, key=lambda r: r["b32_t1"])),
+             + vs_fp32(max(ok, key=lambda r: _x(r, "b32_t1"))),
              "- smallest within the same budget: " + vs_fp32(max(ok, key=lambda r: base["bytes"] / r["bytes"]))]
     for int8, fp in RUNTIME_FP32.items():
         if int8 in by and fp in by:
-            lines.append(f"- {int8} over {fp}: b32/1t {by[int8]['b32_t1'] / by[fp]['b32_t1']:.2f}×, "
-                         f"b1/1t {by[int8]['b1_t1'] / by[fp]['b1_t1']:.2f}×")
+            lines.append(f"- {int8} over {fp}: b32/1t {_x(by[int8], 'b32_t1') / _x(by[fp], 'b32_t1'):.2f}×, "
+                         f"b1/1t {_x(by[int8], 'b1_t1') / _x(by[fp], 'b1_t1'):.2f}×")
     if "structured" in by:
         r = by["structured"]
         lines.append(f"- structured fp32 alone: {1 - r['params'] / base['params']:.1%} fewer parameters, "
-                     f"b32/1t {r['b32_t1'] / base['b32_t1']:.2f}×, b1/1t {r['b1_t1'] / base['b1_t1']:.2f}×")
+                     f"b32/1t {_x(r, 'b32_t1'):.2f}×, b1/1t {_x(r, 'b1_t1'):.2f}×")
     collapsed = [f"{r['variant']} ({r['val_auc'] - base['val_auc']:+.4f})" for r in rows
                  if base["val_auc"] - r["val_auc"] > COLLAPSE_AUC]
     lines.append(f"- flagged (lose > {COLLAPSE_AUC} val AUC): {', '.join(collapsed) or 'none'}")
     return lines
+
+
+def _x(row: dict, key: str) -> float:
+    """The row's speed-up over the fp32 PyTorch model, timed alternately with it (paired_speedup)."""
+    return row["x_fp32"][key]
 
 
 def _num(v, scale, spec) -> str:

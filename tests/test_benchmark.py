@@ -1,9 +1,15 @@
-"""compression.benchmark's closing summary picks the deploy artifact as the report does: on validation only."""
-from compression.benchmark import summary
+"""compression.benchmark's closing summary picks the deploy artifact as the report does (on validation only), and
+its speed-ups hold when the host slows down during the measurement."""
+import time
+
+import torch
+
+from compression.benchmark import paired_speedup, summary
 
 
 def _row(variant, val, b32, b1, size, params=1000):
-    return {"variant": variant, "val_auc": val, "b32_t1": b32, "b1_t1": b1, "bytes": size, "params": params}
+    return {"variant": variant, "val_auc": val, "b32_t1": b32, "b1_t1": b1, "bytes": size, "params": params,
+            "x_fp32": {"b32_t1": b32 / 100, "b1_t1": b1 / 50}}  # the fp32 row's figures: 100 and 50
 
 
 def test_summary_recommends_the_fastest_within_budget_and_flags_collapse():
@@ -19,3 +25,19 @@ def test_summary_recommends_the_fastest_within_budget_and_flags_collapse():
     assert "- openvino_int8 over openvino_fp32: b32/1t 3.00×, b1/1t 1.88×" in lines
     assert any(line.startswith("- structured fp32 alone: 40.0% fewer parameters, b32/1t 1.50×") for line in lines)
     assert lines[-1] == "- flagged (lose > 0.01 val AUC): static (-0.0150)"
+
+
+def test_speedup_is_paired_so_a_slowing_host_does_not_bias_it():
+    """Both models sleep; the host gets slower with every call (2 % each, ~2x over the measurement). The variant
+    takes half the fp32 model's time at any moment, so its paired speed-up is 2 — timing the fp32 model first and
+    the variant after, as separate figures, gives ~1.5."""
+    calls = [0]
+
+    def sleeper(ms):
+        def forward(x):
+            calls[0] += 1
+            time.sleep(ms / 1000 * (1 + 0.02 * calls[0]))
+        return forward
+
+    _, speedup = paired_speedup(sleeper(4), sleeper(8), torch.zeros(1, 1))
+    assert 1.8 < speedup < 2.2
