@@ -48,7 +48,7 @@ BATCHES = (1, 32)
 THREADS = (1, 2)
 ROUNDS = 4         # alternating rounds of a variant's and the fp32 model's forwards per setting
 RUNS = 5           # timed forward passes per model and round (after warm-up)
-WARMUP = 3         # untimed forwards before a model's first round (1 before each later one)
+WARMUP = 3         # untimed forwards before each model in the first two rounds (1 in each later one)
 
 warnings.filterwarnings("ignore")
 
