@@ -47,6 +47,23 @@ def test_fp32_ir_matches_pytorch_within_1e_4(exported, sample_cache):
     assert info["method"] == "openvino_fp32" and (root / "openvino_fp32" / "model.bin").exists()
 
 
+def test_each_batch_size_runs_its_own_static_program(exported, sample_cache):
+    """The IR's batch axis stays dynamic; the wrapper compiles one fixed-shape program per batch size (faster on
+    the CPU plugin) and keeps only the latest few."""
+    run, root, _ = exported
+    ir, _, _ = load_variant(root / "openvino_int8")
+    assert ir.ir.input(0).get_partial_shape()[0].is_dynamic
+    x = _windows(run, sample_cache)
+    whole = ir(x)
+    parts = torch.cat([ir(x[:3]), ir(x[3:])])
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    batches = sorted(shape[0] for _, shape in ir.programs)
+    assert batches == [1, 3, len(x) - 3, len(x)]  # batch 1 compiled at load
+    ir.max_programs = 2
+    ir(x[:2])
+    assert [shape[0] for _, shape in ir.programs] == [len(x) - 3, 2]
+
+
 def test_int8_is_smaller_and_close_in_auc(exported):
     run, root, _ = exported
     fp32 = json.loads((root / "openvino_fp32" / "metrics.json").read_text())

@@ -68,7 +68,7 @@ class OnnxModel(RuntimeModel):
         self.optimization = optimization
         self.program()  # fail now, not at the first batch
 
-    def compile(self, threads: int):
+    def compile(self, threads: int, shape: tuple | None = None):
         import onnxruntime as ort
 
         try:
