@@ -4,7 +4,7 @@
 runs Python) on the CPU plugin. Its thread count follows torch.get_num_threads() (shared/formats/runtime.py)
 at call time, one compiled model per thread count and input shape: the IR keeps its batch axis dynamic, but
 the CPU plugin runs a static shape faster (reshaped vit/deit int8 IRs ran 1.1× faster at batch 32 and 1.3× at
-batch 1, docs/benchmarks.md), so each batch size gets its own. Precision is pinned to f32 for the
+batch 1, docs/design.md), so each batch size gets its own. Precision is pinned to f32 for the
 non-quantized parts: on CPUs with bf16 (AVX512_BF16, AMX) OpenVINO would otherwise run them in bf16 and
 change the numbers.
 """
