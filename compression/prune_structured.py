@@ -64,6 +64,7 @@ IMPORTANCE = "magnitude"       # magnitude | taylor (docs/benchmarks.md: magnitu
 FAMILY_RECIPES = {             # where the defaults lost too much val AUC on the sample's cpu run (docs/benchmarks.md)
     "xresnet1d101": {"importance": "taylor"},  # structured + int8 −0.0048 (magnitude −0.0052)
     "effnetv2": {"importance": "taylor", "step_batches": 50, "finetune_epochs": 4},  # −0.0021 (defaults −0.0218)
+    "vit": {"target": 0.5},    # + int8: −0.0022, 4.84× fp32 at batch 32 (at 0.4: −0.0013, 3.91–4.03×); deit at 0.5: −0.0079
 }
 TARGET_PARAMS = 0.4            # fraction of the parent's parameters to remove (or --target-macs)
 PRUNE_STEPS = 4                # small steps, each followed by STEP_FINETUNE_BATCHES of fine-tuning
@@ -428,25 +429,31 @@ def make_structured(run_dir: Path, parent: nn.Module, cfg: dict, cache, adapter:
 
 
 RECIPE_KEYS = (  # variant.json key, opts key, value when variant.json lacks it, what differs
+    ("target", "target", TARGET_PARAMS, "another pruning target than"),
+    ("target_by", "by", "params", "another target measure than"),
     ("importance", "importance", IMPORTANCE, "another unit importance than"),
     ("step_finetune_batches", "step_batches", STEP_FINETUNE_BATCHES, "other fine-tune batches per step than"),
     ("finetune_epochs", "finetune_epochs", FINETUNE_EPOCHS, "other recovery fine-tune epochs than"))
 
 
-def recipe(cfg: dict, importance: str | None, step_batches: int | None, finetune_epochs: int | None) -> dict:
-    """Importance and fine-tune lengths: as asked, else the family's FAMILY_RECIPES entry, else the defaults
-    (quick runs: the quick batch counts)."""
+def recipe(cfg: dict, importance: str | None, step_batches: int | None, finetune_epochs: int | None,
+           target: float | None = None, by: str = "params") -> dict:
+    """Target, importance and fine-tune lengths: as asked, else the family's FAMILY_RECIPES entry, else the
+    defaults (quick runs: the quick batch counts). A family's target is a fraction of its parameters."""
     quick = cfg.get("profile") == "quick"
     family = FAMILY_RECIPES.get(cfg["model"], {})
     default_steps = QUICK_STEP_BATCHES if quick else family.get("step_batches", STEP_FINETUNE_BATCHES)
-    return {"importance": importance or family.get("importance", IMPORTANCE),
+    if target is None and by != "params":
+        raise ValueError(f"a {by} target needs its fraction")
+    return {"target": family.get("target", TARGET_PARAMS) if target is None else target, "by": by,
+            "importance": importance or family.get("importance", IMPORTANCE),
             "step_batches": default_steps if step_batches is None else step_batches,
             "finetune_epochs": finetune_epochs if finetune_epochs is not None else (
                 FINETUNE_EPOCHS if quick else family.get("finetune_epochs", FINETUNE_EPOCHS))}
 
 
 def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None = None, force: bool = False,
-              target: float = TARGET_PARAMS, by: str = "params", importance: str | None = None,
+              target: float | None = None, by: str = "params", importance: str | None = None,
               kd_alpha: float = KD_ALPHA, kd_t: float = KD_T, steps: int | None = None,
               step_batches: int | None = None, finetune_epochs: int | None = None,
               finetune_batches: int | None = None, lr_factor: float = FINETUNE_LR_FACTOR, then_int8: bool = False,
@@ -462,8 +469,8 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     root = (out_root or compressed_dir()) / run_dir.name
     out = root / METHOD
     source_sha256 = checkpoint_sha256(run_dir)
-    opts = dict(target=target, by=by, kd_alpha=kd_alpha, kd_t=kd_t, steps=steps, finetune_batches=finetune_batches,
-                lr_factor=lr_factor, **recipe(cfg, importance, step_batches, finetune_epochs))
+    opts = dict(kd_alpha=kd_alpha, kd_t=kd_t, steps=steps, finetune_batches=finetune_batches, lr_factor=lr_factor,
+                **recipe(cfg, importance, step_batches, finetune_epochs, target, by))
     done = finished_variant(out, run_dir, source_sha256, force or any(recipe_changed(out, key, opts[name], absent, what)
                             for key, name, absent, what in RECIPE_KEYS))
     windows = eval_windows(cache, adapter)
@@ -578,13 +585,14 @@ def main(argv=None) -> int:
     add_run_choice(ap, "prune")
     tgt = ap.add_mutually_exclusive_group()
     tgt.add_argument("--target-params", type=_fraction, default=None, metavar="FRACTION",
-                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS})")
+                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS}; FAMILY_RECIPES: " + ", ".join(
+                         f"{k} {v['target']}" for k, v in FAMILY_RECIPES.items() if "target" in v) + ")")
     tgt.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
                      help="fraction of the MACs to remove instead")
     ap.add_argument("--importance", choices=("magnitude", "taylor"), default=None,
                     help=f"unit importance: group L2 magnitude or first-order Taylor (default {IMPORTANCE}; "
                          "the families of FAMILY_RECIPES: " + ", ".join(
-                             f"{k} {v['importance']}" for k, v in FAMILY_RECIPES.items()) + ")")
+                             f"{k} {v['importance']}" for k, v in FAMILY_RECIPES.items() if "importance" in v) + ")")
     ap.add_argument("--kd-alpha", type=float, default=KD_ALPHA,
                     help="weight of distillation from the unpruned model; 0 = plain fine-tuning (default %(default)s)")
     ap.add_argument("--kd-t", type=float, default=KD_T, help="distillation temperature (default %(default)s)")
@@ -619,8 +627,7 @@ def main(argv=None) -> int:
                                               args.speed_rounds)):
         print("error: step and batch counts must be positive", file=sys.stderr)
         return 2
-    by, target = ("macs", args.target_macs) if args.target_macs is not None else (
-        "params", args.target_params if args.target_params is not None else TARGET_PARAMS)
+    by, target = ("macs", args.target_macs) if args.target_macs is not None else ("params", args.target_params)
     try:
         prune_run(chosen_run(args), args.data, args.out, args.force, target, by, args.importance, args.kd_alpha, args.kd_t,
                   args.steps, args.step_batches, args.finetune_epochs, args.finetune_batches, args.lr_factor,

@@ -57,7 +57,7 @@ def _windows(run, sample_cache, n=6):
 
 @pytest.fixture(scope="module")
 def pruned_vit(quick_vit_run, sample_cache, tmp_path_factory):
-    """The quick vit run pruned to 40 % fewer parameters, with its OpenVINO int8 twin."""
+    """The quick vit run pruned to its family's target (FAMILY_RECIPES), with its OpenVINO int8 twin."""
     root = tmp_path_factory.mktemp("structured-vit")
     r = run_module("compression.prune_structured", "--run", quick_vit_run, "--data", sample_cache, "--out", root,
                    "--then-int8", "--speed-rounds", "1", env=ONE_THREAD)
@@ -161,11 +161,14 @@ def test_shapes_json_must_fit_the_architecture(tmp_path):
 
 # ------------------------------------------------------------------ real quick runs
 def test_targets_are_met_and_recorded(pruned_vit, pruned_resnet, sample_cache):
-    for (run, root, r), by in ((pruned_vit, "params"), (pruned_resnet, "macs")):
+    from compression.prune_structured import FAMILY_RECIPES
+
+    for (run, root, r), by, target in ((pruned_vit, "params", FAMILY_RECIPES["vit"]["target"]),
+                                       (pruned_resnet, "macs", TARGET)):
         info = json.loads((root / "structured" / "variant.json").read_text())
         metrics = json.loads((root / "structured" / "metrics.json").read_text())
-        assert info["method"] == "structured" and info["target_by"] == by and info["target"] == TARGET
-        assert metrics[f"{by}_reduction"] >= TARGET - TOLERANCE
+        assert info["method"] == "structured" and info["target_by"] == by and info["target"] == target
+        assert metrics[f"{by}_reduction"] >= target - TOLERANCE
         assert info["params"] < info["params_parent"] and info["macs"] < info["macs_parent"]
         assert metrics["val"]["records"] > 0 and "val_auc_change_vs_fp32" in metrics
         assert info["source_sha256"] == checkpoint_sha256(run)
@@ -255,23 +258,29 @@ def test_bad_arguments_give_one_error_line(tmp_path, quick_resnet_run):
 
 
 def test_family_recipes_and_variants_of_another_recipe_are_redone(tmp_path):
-    """effnetv2 and xresnet1d101 prune with their own recipe (the defaults lost too much val AUC); a finished
+    """effnetv2, xresnet1d101 and vit prune with their own recipe (the defaults lost too much val AUC or speed); a finished
     variant made by another recipe is redone, one made by today's is kept."""
     from compression.prune_structured import RECIPE_KEYS, recipe
     from shared.variants import recipe_changed
 
     eff = recipe({"model": "effnetv2", "profile": "cpu"}, None, None, None)
-    assert eff == {"importance": "taylor", "step_batches": 50, "finetune_epochs": 4}
-    assert recipe({"model": "vit", "profile": "cpu"}, None, None, None)["importance"] == "magnitude"
+    assert eff == {"target": 0.4, "by": "params", "importance": "taylor", "step_batches": 50, "finetune_epochs": 4}
+    vit = recipe({"model": "vit", "profile": "cpu"}, None, None, None)
+    assert vit["importance"] == "magnitude" and vit["target"] == 0.5
     assert recipe({"model": "effnetv2", "profile": "quick"}, None, None, None)["step_batches"] < 50
-    assert recipe({"model": "effnetv2", "profile": "cpu"}, "magnitude", 7, 0) == {
-        "importance": "magnitude", "step_batches": 7, "finetune_epochs": 0}  # asked for: as asked
+    assert recipe({"model": "effnetv2", "profile": "cpu"}, "magnitude", 7, 0, 0.3, "macs") == {
+        "target": 0.3, "by": "macs", "importance": "magnitude", "step_batches": 7,
+        "finetune_epochs": 0}  # asked for: as asked
+    assert recipe({"model": "vit", "profile": "cpu"}, None, None, None, 0.4)["target"] == 0.4
 
     def changed(opts):
         return any(recipe_changed(tmp_path, key, opts[name], absent, what) for key, name, absent, what in RECIPE_KEYS)
 
     (tmp_path / "variant.json").write_text(json.dumps({"importance": "magnitude", "step_finetune_batches": 25}))
-    assert changed(eff) and not changed(recipe({"model": "vit", "profile": "cpu"}, None, None, None))
+    assert changed(eff) and not changed(recipe({"model": "convnext", "profile": "cpu"}, None, None, None))
+    assert changed(vit)  # made at the 0.4 every family had before
+    (tmp_path / "variant.json").write_text(json.dumps({"target": 0.5, "target_by": "params"}))
+    assert not changed(vit) and changed(recipe({"model": "vit", "profile": "cpu"}, None, None, None, 0.5, "macs"))
     (tmp_path / "variant.json").write_text(json.dumps(
         {"importance": "taylor", "step_finetune_batches": 50, "finetune_epochs": 4}))
     assert not changed(eff)
