@@ -61,10 +61,10 @@ from shared.training import train_step
 METHOD = "structured"
 INT8_VARIANT = "structured_openvino_int8"
 IMPORTANCE = "magnitude"       # magnitude | taylor (docs/benchmarks.md: magnitude won 3 of 4)
-FAMILY_RECIPES = {             # where the defaults lost too much val AUC on the sample's cpu run (docs/benchmarks.md)
+FAMILY_RECIPES = {             # where the defaults lost val AUC or speed on the sample's cpu run (docs/benchmarks.md)
     "xresnet1d101": {"importance": "taylor"},  # structured + int8 −0.0048 (magnitude −0.0052)
     "effnetv2": {"importance": "taylor", "step_batches": 50, "finetune_epochs": 4},  # −0.0021 (defaults −0.0218)
-    "vit": {"target": 0.5},    # + int8: −0.0022, 4.84× fp32 at batch 32 (at 0.4: −0.0013, 3.91–4.03×); deit at 0.5: −0.0079
+    "vit": {"target": 0.5},    # + int8 −0.0022, b32 4.84× fp32 (0.4: −0.0013, 3.91–4.03×); deit at 0.5 −0.0079
 }
 TARGET_PARAMS = 0.4            # fraction of the parent's parameters to remove (or --target-macs)
 PRUNE_STEPS = 4                # small steps, each followed by STEP_FINETUNE_BATCHES of fine-tuning
@@ -585,8 +585,8 @@ def main(argv=None) -> int:
     add_run_choice(ap, "prune")
     tgt = ap.add_mutually_exclusive_group()
     tgt.add_argument("--target-params", type=_fraction, default=None, metavar="FRACTION",
-                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS}; FAMILY_RECIPES: " + ", ".join(
-                         f"{k} {v['target']}" for k, v in FAMILY_RECIPES.items() if "target" in v) + ")")
+                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS}; FAMILY_RECIPES: "
+                          + ", ".join(f"{k} {v['target']}" for k, v in FAMILY_RECIPES.items() if "target" in v) + ")")
     tgt.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
                      help="fraction of the MACs to remove instead")
     ap.add_argument("--importance", choices=("magnitude", "taylor"), default=None,
