@@ -74,10 +74,16 @@ def paired_speedup(model, fp32, x: torch.Tensor, bf16: bool = False) -> tuple[fl
     return len(x) / float(np.median(times)), float(np.median(ratios))
 
 
-def evaluated_test_auc(run: str, variant: str) -> float | None:
-    """Test macro AUC as eval-all scored it, or None before `make eval-all`."""
+def evaluated_test_auc(run: str, variant: str, variant_dir: Path) -> float | None:
+    """Test macro AUC as eval-all scored this variant folder, or None: before `make eval-all`, for another
+    folder of the same name (--compressed elsewhere), or when the variant was made again after it was scored."""
     result = eval_dir() / run / variant / "result.json"
-    return read_json(result)["splits"]["test"]["macro_auc"] if result.exists() else None
+    if not result.exists() or result.stat().st_mtime <= (variant_dir / "metrics.json").stat().st_mtime:
+        return None
+    scored = read_json(result)
+    if Path(scored.get("path", "")).resolve() != variant_dir.resolve():
+        return None
+    return scored["splits"]["test"]["macro_auc"]
 
 
 def macs_per_window(model: torch.nn.Module, window: torch.Tensor) -> int | None:
@@ -153,7 +159,7 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
         model, _, info = load_variant(vdir, compiled=variant in COMPILED_METHODS)
         m = read_json(vdir / "metrics.json")
         size, val = m["artifact_bytes"], m["val"]["macro_auc"]
-        test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant)
+        test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant, vdir)
     # the network the variant computes, for its parameters and MACs (int8 graphs and runtimes hide theirs)
     network = model if variant in ("fp32", "bf16", "prune", "structured") else \
         load_variant(root / "structured")[0] if variant == "structured_openvino_int8" else fp32

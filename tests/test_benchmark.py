@@ -1,10 +1,12 @@
 """compression.benchmark's closing summary picks the deploy artifact as the report does (on validation only), and
 its speed-ups hold when the host slows down during the measurement."""
+import json
+import os
 import time
 
 import torch
 
-from compression.benchmark import paired_speedup, summary
+from compression.benchmark import evaluated_test_auc, paired_speedup, summary
 
 
 def _row(variant, val, b32, b1, size, params=1000):
@@ -41,3 +43,20 @@ def test_speedup_is_paired_so_a_slowing_host_does_not_bias_it():
 
     _, speedup = paired_speedup(sleeper(4), sleeper(8), torch.zeros(1, 1))
     assert 1.8 < speedup < 2.2
+
+
+def test_test_auc_is_eval_alls_only_for_the_folder_it_scored_and_not_after_a_remake(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path))
+    variant = tmp_path / "compressed" / "r" / "structured"
+    elsewhere = tmp_path / "other" / "r" / "structured"
+    for folder in (variant, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text("{}")
+        os.utime(folder / "metrics.json", (1000, 1000))
+    result = tmp_path / "eval" / "r" / "structured" / "result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps({"path": str(variant), "splits": {"test": {"macro_auc": 0.87}}}))
+    assert evaluated_test_auc("r", "structured", variant) == 0.87
+    assert evaluated_test_auc("r", "structured", elsewhere) is None  # same name, another folder
+    os.utime(variant / "metrics.json", (time.time() + 60, time.time() + 60))  # made again after eval-all
+    assert evaluated_test_auc("r", "structured", variant) is None
