@@ -62,6 +62,8 @@ def test_each_batch_size_runs_its_own_static_program(exported, sample_cache):
     ir.max_programs = 2
     ir(x[:2])
     assert [shape[0] for _, shape in ir.programs] == [len(x) - 3, 2]
+    with pytest.raises(ValueError, match="expects inputs N×"):  # only the batch may vary
+        ir(x[..., :-1])
 
 
 def test_int8_is_smaller_and_close_in_auc(exported):

@@ -50,7 +50,13 @@ class OpenVinoModel(RuntimeModel):
         return self.ir.input(0).get_partial_shape()[1:].is_static
 
     def shape_key(self, shape: tuple | None):
-        return tuple(shape) if shape is not None and self.static else None
+        if shape is None or not self.static:
+            return None
+        window = tuple(self.ir.input(0).get_partial_shape()[1:].to_shape())
+        if tuple(shape[1:]) != window:  # a reshape would run any length; the IR was checked at this one
+            raise ValueError(f"{self.path}: expects inputs N×{'×'.join(map(str, window))}, "
+                             f"got {'×'.join(map(str, shape))}")
+        return tuple(shape)
 
     def compile(self, threads: int, shape: tuple | None = None):
         try:
