@@ -41,20 +41,19 @@ class OpenVinoModel(RuntimeModel):
             self.ir = self.core.read_model(str(self.path))
         except Exception as e:
             raise ValueError(f"{self.path}: not a loadable OpenVINO IR ({first_line(e)})") from None
-        self.program(shape=(1, *self.ir.input(0).get_partial_shape()[1:].to_shape()) if self.static else None)
-        # compiled now: fail at load, not at the first batch
+        self.program(shape=None if self.window is None else (1, *self.window))  # fail at load, not at a batch
 
     @property
-    def static(self) -> bool:
-        """Whether all but the batch axis are fixed, so a batch size fixes the whole shape."""
-        return self.ir.input(0).get_partial_shape()[1:].is_static
+    def window(self) -> tuple | None:
+        """The input's shape past the batch axis; None where the IR leaves it open."""
+        shape = self.ir.input(0).get_partial_shape()[1:]
+        return tuple(shape.to_shape()) if shape.is_static else None
 
     def shape_key(self, shape: tuple | None):
-        if shape is None or not self.static:
+        if shape is None or self.window is None:
             return None
-        window = tuple(self.ir.input(0).get_partial_shape()[1:].to_shape())
-        if tuple(shape[1:]) != window:  # a reshape would run any length; the IR was checked at this one
-            raise ValueError(f"{self.path}: expects inputs N×{'×'.join(map(str, window))}, "
+        if tuple(shape[1:]) != self.window:  # a reshape would run any length; the IR was checked at this one
+            raise ValueError(f"{self.path}: expects inputs N×{'×'.join(map(str, self.window))}, "
                              f"got {'×'.join(map(str, shape))}")
         return tuple(shape)
 
