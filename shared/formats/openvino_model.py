@@ -41,13 +41,9 @@ class OpenVinoModel(RuntimeModel):
             self.ir = self.core.read_model(str(self.path))
         except Exception as e:
             raise ValueError(f"{self.path}: not a loadable OpenVINO IR ({first_line(e)})") from None
+        window = self.ir.input(0).get_partial_shape()[1:]  # past the batch axis; None where the IR leaves it open
+        self.window = tuple(window.to_shape()) if window.is_static else None
         self.program(shape=None if self.window is None else (1, *self.window))  # fail at load, not at a batch
-
-    @property
-    def window(self) -> tuple | None:
-        """The input's shape past the batch axis; None where the IR leaves it open."""
-        shape = self.ir.input(0).get_partial_shape()[1:]
-        return tuple(shape.to_shape()) if shape.is_static else None
 
     def shape_key(self, shape: tuple | None):
         if shape is None or self.window is None:
