@@ -32,9 +32,11 @@ ifneq ($(filter-out $(ALL_REPRS),$(REPR)),)
 $(error REPR=$(REPR): unknown representation; choose from $(ALL_REPRS))
 endif
 # TEACHER=a[,b]: train-<m>, seeds-<m> and tune-<m> distil from these models' runs of the same PROFILE, SEED and
-# CONFIG (trained first when missing; a run folder path is used as it is). Names are checked here, before any work.
+# CONFIG (models.train trains a missing one first; a run folder path is used as it is); TEACHER=none trains without
+# the teacher a profile names (deit and convnext on cpu). Names are checked here, before any work.
 TEACHER    ?=
-TEACHERS   := $(subst $(,), ,$(TEACHER))
+KD_TEACHER := $(filter-out none,$(TEACHER))
+TEACHERS   := $(subst $(,), ,$(KD_TEACHER))
 TEACHER_MODELS := $(foreach t,$(TEACHERS),$(if $(findstring /,$(t)),,$(t)))
 BAD_TEACHER := $(firstword $(filter-out $(ALL_MODELS),$(TEACHER_MODELS)))
 SELF_TAUGHT := $(firstword $(filter $(foreach g,train seeds tune,$(addprefix $(g)-,$(TEACHER_MODELS))),$(MAKECMDGOALS)))
@@ -43,18 +45,16 @@ ifneq ($(BAD_TEACHER),)
 $(error TEACHER=$(TEACHER): unknown model '$(BAD_TEACHER)'; choose from $(ALL_MODELS), or give a run folder path)
 else ifneq ($(SELF_TAUGHT),)
 $(error make $(SELF_TAUGHT) TEACHER=$(TEACHER): a model cannot be its own teacher)
-else ifneq ($(and $(TEACHER),$(KD_GOALS)),)
-$(error make $(firstword $(KD_GOALS)) TEACHER=$(TEACHER): TEACHER applies to train-<model>, seeds-<model>, seeds-all and tune-<model>)
+else ifneq ($(and $(KD_TEACHER),$(KD_GOALS)),)
+$(error make $(firstword $(KD_GOALS)) TEACHER=$(TEACHER): TEACHER applies to train-<model>, seeds-<model>, seeds-all and tune-<model> (TEACHER=none to all of them))
 endif
 CONFIG     ?= default
 SET        ?=
 SEED       ?=
 SEEDS      ?= 1 2
 TRAIN_ARGS  = --profile $(PROFILE) --config $(CONFIG) $(if $(REPR),--representation $(REPR)) $(if $(SEED),--set seed=$(SEED)) $(foreach s,$(SET),--set $(s)) $(if $(TEACHER),--set teacher=$(TEACHER))
-# each teacher model's run (of SEED when given), as `make train-<teacher>` makes it: REPR and SET are the student's
-TRAIN_TEACHERS = $(foreach t,$(TEACHER_MODELS),$(MAKE) --no-print-directory train-$(t) TEACHER= REPR= SET= NO_DATA=1 $(1) &&) true
-# the compression targets pick the distilled run (<run>-kd) when TEACHER is given
-KD_RUN      = $(if $(TEACHER),--kd)
+# the compression targets pick the distilled run (<run>-kd) when TEACHER is given or the profile names one
+KD_RUN      = $(if $(KD_TEACHER),--kd,$(if $(TEACHER),--no-kd))
 
 # make demo: the whole pipeline in minutes, in its own artifacts folder, on PTBXL_DIR when given, else on the real
 # PTB-XL subset shipped in tests/data/ptbxl-mini. Longer than the quick profile so the numbers mean something.
@@ -110,7 +110,6 @@ bench-data: $(VENV_STAMP)  ## benchmark make data vs a wfdb.rdsamp loop, and a f
 	$(PYTHON) -m data_prep.benchmark
 
 train-%: $(DATA_DEP)  ## train one model: vit deit effnetv2 convnext resnet1d_wang xresnet1d101 (PROFILE, REPR, CONFIG, SEED, RESUME=1, TEACHER)
-	$(if $(TEACHER_MODELS),$(call TRAIN_TEACHERS))
 	$(PYTHON) -m models.train --model $* $(TRAIN_ARGS)
 
 train-all: $(DATA_DEP)  ## train every model with its default representation, JOBS at a time
@@ -123,17 +122,15 @@ bakeoff: train-all  ## also train the four 2-D families with the seed recipe, th
 
 # extra seeds: each `model seed` pair is one job; xargs runs JOBS of them at once (each on JOB_THREADS threads)
 SEED_JOBS = $(JOB_ENV) xargs -P $(JOBS) -L 1 sh -c '$(PYTHON) -m models.train --model "$$0" --set seed="$$1" $(TRAIN_ARGS) --no-progress'
-# with TEACHER: the distilled runs of seed 0 as well (students have no seed-0 run of their own yet), of the 2-D
-# students only, each after its teacher's run of the same seed
+# with TEACHER (or TEACHER=none): the seed-0 runs of that recipe as well (train-all made the profile's), of the 2-D
+# students only; a student trains its teacher's run of the same seed first when missing
 RUN_SEEDS   = $(if $(TEACHER),$(sort 0 $(SEEDS)),$(SEEDS))
 SEED_MODELS = $(if $(TEACHER),$(filter $(MODELS_2D),$(TRAIN_ORDER)),$(TRAIN_ORDER))
 seeds-%: $(DATA_DEP)  ## train SEEDS="1 2" more seeds of one model (beside seed 0; with TEACHER also seed 0), JOBS at a time, then the summary (mean ± sd)
-	$(if $(TEACHER_MODELS),$(foreach s,$(RUN_SEEDS),$(call TRAIN_TEACHERS,SEED=$(s)) &&) true)
 	printf '$* %s\n' $(RUN_SEEDS) | $(SEED_JOBS)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
 seeds-all: $(DATA_DEP)  ## SEEDS more seeds of every model (with TEACHER: seeds 0 and SEEDS of the 2-D students), JOBS at a time, then the summary
-	$(if $(TEACHER_MODELS),$(foreach s,$(RUN_SEEDS),$(call TRAIN_TEACHERS,SEED=$(s)) &&) true)
 	for m in $(SEED_MODELS); do printf "$$m %s\n" $(RUN_SEEDS); done | $(SEED_JOBS)
 	$(PYTHON) -m models.summarize --profile $(PROFILE)
 
@@ -142,7 +139,6 @@ summary: $(VENV_STAMP)  ## table of all training runs of PROFILE (artifacts/runs
 
 .PHONY: tune-all
 tune-%: $(DATA_DEP)  ## Optuna-tune one model on validation AUC (PROFILE, TRIALS=20 in total, TIMEOUT=3600 s, OPTUNA_STORAGE, SET="k=v …" fixes keys, TEACHER)
-	$(if $(TEACHER_MODELS),$(call TRAIN_TEACHERS,CONFIG=default))
 	$(PYTHON) -m models.tune --model $* --profile $(PROFILE) --trials $(TRIALS) --timeout $(TIMEOUT) $(foreach s,$(SET),--set $(s)) $(if $(TEACHER),--set teacher=$(TEACHER))
 
 tune-all: $(addprefix tune-,$(ALL_MODELS))  ## tune every model; then `make train-all CONFIG=tuned`
@@ -159,7 +155,7 @@ quantize-%: $(VENV_STAMP)  ## dynamic, static (PT2E, calibrated) and QAT int8 va
 	$(PYTHON) -m compression.compress --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN) --methods $(or $(QUANT_METHODS_$*),dynamic$(,)static$(,)qat)
 
 bench-compress-%: $(VENV_STAMP)  ## size / MACs / AUC / CPU speed-ups of every variant of a model, side by side (ISA=AVX2 adds capped figures)
-	$(PYTHON) -m compression.benchmark --run $*-$$($(PYTHON) -c "from shared.config import resolve; print(resolve('$*', '$(PROFILE)')['representation'])")-$(PROFILE)$(if $(TEACHER),-kd) $(if $(ISA),--isa $(ISA))
+	$(PYTHON) -m compression.benchmark --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN) $(if $(ISA),--isa $(ISA))
 
 prune-all: $(VENV_STAMP)  ## prune every trained model, JOBS at a time
 	$(JOB_ENV) $(MAKE) --no-print-directory -j$(JOBS) $(addprefix prune-,$(TRAIN_ORDER))

@@ -32,9 +32,10 @@ from shared.hardware import host_cpu
 from shared.runs import load_run
 from shared.variants import load_variant
 from shared.cache import CacheError, open_cache
+from shared.cli import add_run_choice, chosen_run
 from shared.dataset import ECGDataset
 from shared.io import first_line, read_json, write_json_atomic
-from shared.paths import compressed_dir, data_cache_dir, eval_dir, runs_dir
+from shared.paths import compressed_dir, data_cache_dir, eval_dir
 from shared.results import COLLAPSE_AUC, DEPLOY_AUC_BUDGET
 from shared.timing import time_forward
 from shared.inputs import InputAdapter
@@ -113,15 +114,15 @@ def open_run(run: Path) -> tuple[torch.nn.Module, dict, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compression.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="training run folder (artifacts/runs/<run>)")
+    add_run_choice(ap, "benchmark the variants of")
     ap.add_argument("--compressed", type=Path, default=None, help="default artifacts/compressed/<run>")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--isa", default=None, help="also measure with oneDNN capped at this ISA (e.g. AVX2), in a "
                                                 "second process")
     args = ap.parse_args(argv)
-    run = args.run if args.run.exists() else runs_dir() / str(args.run)
-    root = args.compressed or compressed_dir() / run.name
     try:
+        run = chosen_run(args)
+        root = args.compressed or compressed_dir() / run.name
         fp32, cfg, run_metrics = open_run(run)
         cache = open_cache(args.data or data_cache_dir(cfg["sampling_rate"]))
     except (FileNotFoundError, ValueError, CacheError) as e:

@@ -38,6 +38,7 @@ from shared.formats.sparse import nonzero_parameters, save_sparse
 from shared.runs import channels_last_if_configured, checkpoint_sha256, find_run, load_run
 from shared.variants import finished_variant, fp32_modules_changed, recipe_changed
 from shared.cache import open_cache
+from shared.cli import add_kd_choice
 from shared.dataset import ECGDataset, make_loader
 from shared.distill import KD_TEMPERATURE, WithTeacher, teacher_logits
 from shared.io import first_line, library_versions, read_json, save_weights, write_json_atomic
@@ -287,8 +288,7 @@ def main(argv=None) -> int:
     src.add_argument("--run", type=Path, help="a training run folder")
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
     ap.add_argument("--representation", default=os.environ.get("REPR") or None)
-    ap.add_argument("--kd", action="store_true",
-                    help="with --model: its distilled run (<run>-kd, from make train-<model> TEACHER=…)")
+    add_kd_choice(ap)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of %(default)s")
     ap.add_argument("--data", type=Path, default=None, help="cache folder (default from the run's sampling rate)")
     ap.add_argument("--out", type=Path, default=None, help="output root (default artifacts/compressed)")

@@ -6,9 +6,11 @@ CPU, nccl on CUDA). Running the same command again continues a killed run from i
 reaches the same result (under torchrun: `--resume`); a finished run is kept, or refused if its config
 changed (`--force` retrains).
 
-With `--set teacher=resnet1d_wang` (or a,b for the mean of two, or a run folder) the student learns from a
-finished teacher run of the same profile, seed and data as well as from the labels (shared/distill.py); the
-run's name gets `-kd` and its config.json the teacher runs' paths and checkpoint sha256.
+With `--set teacher=resnet1d_wang` (or a,b for the mean of two, or a run folder), or a profile that names one
+(deit and convnext on `cpu`; `--set teacher=none` turns it off), the student learns from a finished teacher run
+of the same profile, seed and data as well as from the labels (shared/distill.py); a teacher model without that
+run is trained first. The run's name gets `-kd` and its config.json the teacher runs' paths and checkpoint sha256.
+One process trains a run folder at a time: another that needs it (a second student of the same teacher) waits.
 
 Writes artifacts/runs/<model>-<representation>-<profile>[-tuned][-kd][-seed<N>]/:
   config.json (resolved config + versions), last.pt (resume state), best.safetensors (+ best.json),
@@ -19,12 +21,15 @@ terminal (shared/progress.py): a log file gets the lines only. --no-progress pri
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -529,8 +534,34 @@ def teacher_mismatches(tcfg: dict, cfg: dict, data_dir: Path) -> list[str]:
     return [f"{k} {t} vs the student's {s}" for k, (t, s) in pairs.items() if t != s]
 
 
+def finished(run: Path) -> bool:
+    return (run / "metrics.json").exists() and (run / "best.safetensors").exists()
+
+
+STUDENTS_ENV = "MODELS_TRAIN_STUDENTS"  # the students waiting on this process's run: a teacher cycle stops in one line
+
+
+def train_missing_teacher(name: str, run: Path, cfg: dict, data_dir: Path, progress: bool = True) -> None:
+    """A teacher named by its model and not trained yet is trained now, as `make train-<teacher>` would: the
+    student's profile, config, seed and data, its own default representation, in a process of its own."""
+    if name not in MODELS or finished(run):
+        return
+    waiting = [m for m in os.environ.get(STUDENTS_ENV, "").split(",") if m]
+    if name in waiting:
+        raise TeacherError(f"teacher {name} would learn from its own student ({' → '.join([*waiting, cfg['model']])}"
+                           f" → {name}); give one of them teacher = \"none\"")
+    cmd = [sys.executable, "-m", "models.train", "--model", name, "--profile", cfg["profile"], "--config",
+           str(cfg["config"]), "--set", f"seed={cfg['seed']}", "--data", str(data_dir)]
+    log(f"teacher {name}: no finished run at {run}; training it first")
+    rc = subprocess.run(cmd + ([] if progress else ["--no-progress"]),
+                        env={**os.environ, STUDENTS_ENV: ",".join([*waiting, cfg["model"]])}).returncode
+    if rc != 0:
+        raise TeacherError(f"teacher {name}: training its run {run} failed (exit {rc}, its error above); "
+                           f"{train_command(name, cfg)} trains it alone")
+
+
 def check_teacher(name: str, run: Path, cfg: dict, data_dir: Path) -> None:
-    if not (run / "metrics.json").exists() or not (run / "best.safetensors").exists():
+    if not finished(run):
         how = f"train it first: {train_command(name, cfg)}" if name in MODELS else "name a finished training run"
         raise TeacherError(f"teacher {name}: no finished run at {run}; {how}")
     try:
@@ -560,19 +591,36 @@ def probe_teacher(runs: list[dict], cfg: dict) -> None:
         raise TeacherError(f"teacher {', '.join(r['run'] for r in runs)}: gives outputs of shape {tuple(out.shape)}")
 
 
-def resolve_teachers(cfg: dict, data_dir: Path) -> list[dict]:
-    """[{name, run, sha256}] of the finished, matching teacher runs `cfg["teacher"]` names (TeacherError if not):
-    what config.json records, and what train() loads."""
+def resolve_teachers(cfg: dict, data_dir: Path, progress: bool = True) -> list[dict]:
+    """[{name, run, sha256}] of the finished, matching teacher runs `cfg["teacher"]` names (TeacherError if not),
+    trained first where a model's run is missing: what config.json records, and what train() loads."""
     from shared.runs import checkpoint_sha256
 
     check_settings(cfg)
     runs = []
     for name in teacher_names(cfg["teacher"]):
         run = teacher_folder(name, cfg)
+        train_missing_teacher(name, run, cfg, data_dir, progress)
         check_teacher(name, run, cfg, data_dir)
         runs.append({"name": name, "run": str(run.resolve()), "sha256": checkpoint_sha256(run)})
     probe_teacher(runs, cfg)
     return runs
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Held while this process trains `out`: a student training its missing teacher and `make train-all`'s own job
+    for that teacher wait for each other instead of writing the same files (torchrun's ranks share one run)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    with open(out / ".train.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{out}: another process is training this run; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def refuse(message: str) -> int:
@@ -586,12 +634,18 @@ def main(argv=None) -> int:
         overrides = config_mod.parse_overrides(args.set)
         cfg = config_mod.resolve(args.model, args.profile, args.representation, args.config, overrides)
         data_dir = args.data or data_cache_dir(cfg["sampling_rate"])
-        if cfg.get("teacher"):  # checked before anything is written
-            cfg["teacher_runs"] = resolve_teachers(cfg, data_dir)
+        if cfg.get("teacher"):  # checked (a missing teacher model trained) before anything of the student is written
+            cfg["teacher_runs"] = resolve_teachers(cfg, data_dir, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, KeyError) as e:
         return refuse(str(e))
     out = args.out or runs_dir() / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return train_run(cfg, out, data_dir, args)
+
+
+def train_run(cfg: dict, out: Path, data_dir: Path, args) -> int:
+    """Keep, continue or train the run in `out`, and print its result line."""
     status = existing_run(out, {**cfg, "data": str(data_dir)}, args)
     if status is not None:
         return status

@@ -20,8 +20,13 @@ def add_run_choice(ap: argparse.ArgumentParser, verb: str, best: bool = False) -
                     help="with --model: the run's profile (default $PROFILE or cpu)")
     ap.add_argument("--representation", default=os.environ.get("REPR") or None,
                     help="with --model: the run's representation (default $REPR or the config's)")
-    ap.add_argument("--kd", action="store_true",
-                    help="with --model: its distilled run (<run>-kd, from make train-<model> TEACHER=…)")
+    add_kd_choice(ap)
+
+
+def add_kd_choice(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --model: its distilled run (<run>-kd, make train-<model> TEACHER=…) or, --no-kd, its "
+                         "plain one (TEACHER=none); default: distilled where the profile names a teacher")
 
 
 def chosen_run(args: argparse.Namespace) -> Path:

@@ -38,7 +38,7 @@ DEFAULTS = {
     "channels_last": False,        # CNN memory format (training and inference)
     "bf16_cpu": False,
     "amp_cuda": True,
-    "teacher": None,               # distillation (shared/distill.py): a model name, a,b, or a run folder
+    "teacher": None,               # distillation (shared/distill.py): a model name, a,b, a run folder; "none": off
     "kd_alpha": 0.5,               # weight of the teacher's term
     "kd_temperature": 2.0,
     "kd_mode": "soft",             # soft | hard
@@ -137,8 +137,14 @@ def resolve(model: str, profile: str = "cpu", representation: str | None = None,
     cfg.update(tuned)
     cfg.update(overrides or {})
     cfg.update(model=model, representation=rep, profile=profile, config=config)
+    cfg["teacher"] = no_teacher_as_none(cfg["teacher"])
     check_pretrained(cfg.get("pretrained", False), model)
     return cfg
+
+
+def no_teacher_as_none(value):
+    """`teacher = "none"` (TEACHER=none) switches off a profile's default teacher; "" means the same."""
+    return None if value is None or str(value).strip().lower() in ("", "none") else value
 
 
 _checked_files: dict[tuple, None] = {}

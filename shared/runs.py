@@ -25,15 +25,17 @@ def build_from_config(cfg: dict) -> nn.Module:
     return build_model(cfg["model"], cfg["representation"], n_samples, **architecture_kwargs(cfg))
 
 
-def find_run(model: str, profile: str, representation: str | None = None, distilled: bool = False) -> Path:
-    """The training run `make train-<model>` writes for this profile (and the config's default representation);
-    `distilled`: the one `make train-<model> TEACHER=…` writes (<run>-kd)."""
+def find_run(model: str, profile: str, representation: str | None = None, distilled: bool | None = None) -> Path:
+    """The training run `make train-<model>` writes for this profile (and the config's default representation):
+    distilled (<run>-kd) when the profile names a teacher; `distilled` True/False asks for the run of
+    `make train-<model> TEACHER=…` / `TEACHER=none`."""
     from shared import config as config_mod
 
-    rep = representation or config_mod.resolve(model, profile)["representation"]
-    run = runs_dir() / f"{model}-{rep}-{profile}{'-kd' if distilled else ''}"
+    cfg = config_mod.resolve(model, profile, representation)
+    distilled = bool(cfg["teacher"]) if distilled is None else distilled
+    run = runs_dir() / f"{model}-{cfg['representation']}-{profile}{'-kd' if distilled else ''}"
     if not (run / "best.safetensors").exists():
-        teacher = " TEACHER=<teacher>" if distilled else ""
+        teacher = "" if distilled == bool(cfg["teacher"]) else " TEACHER=<teacher>" if distilled else " TEACHER=none"
         raise FileNotFoundError(f"{run}: no trained model; run `make train-{model} PROFILE={profile}{teacher}` first")
     return run
 

@@ -1,6 +1,7 @@
 """Distillation from a teacher run (`TEACHER=`, shared/distill.py): DeiT's two heads and their two targets, what a
-distilled run records, one-line refusals of a missing, mismatched or self teacher, the test fold left alone, the
-Makefile's teacher runs first, and the summary's distilled-vs-plain table. The per-class KD formula on single
+distilled run records, a missing teacher model trained first (one run folder trained by one process at a time),
+one-line refusals of a missing, mismatched or self teacher, the test fold left alone, the profile's default teacher
+and TEACHER=none, and the summary's distilled-vs-plain table. The per-class KD formula on single
 logits is tested in test_openvino.py."""
 from __future__ import annotations
 
@@ -83,17 +84,68 @@ def one_line_error(capsys) -> str:
     return err[0]
 
 
-def test_a_missing_teacher_is_one_line_naming_the_make_command(sample_cache, tmp_path, monkeypatch, capsys):
-    from models.train import main
+def test_a_missing_teacher_folder_or_a_teacher_that_fails_to_train_is_one_line(sample_cache, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from models import train as train_mod
+
+    calls = []
+
+    def failing(cmd, env):
+        calls.append((cmd, env))
+        return train_mod.subprocess.CompletedProcess(cmd, 3)
 
     monkeypatch.setenv("ARTIFACTS", str(tmp_path / "art"))
-    assert main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", "teacher=xresnet1d101",
-                 "--set", "seed=3"]) == 2
+    monkeypatch.setattr(train_mod.subprocess, "run", failing)
+    assert train_mod.main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", "teacher=xresnet1d101",
+                           "--set", "seed=3"]) == 2
     line = one_line_error(capsys)
-    assert "no finished run" in line and "make train-xresnet1d101 PROFILE=quick SEED=3" in line
-    assert main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", f"teacher={tmp_path / 'nope'}"]) == 2
-    assert "nope: no finished run" in one_line_error(capsys)
+    assert "teacher xresnet1d101: training its run" in line and "make train-xresnet1d101 PROFILE=quick SEED=3" in line
+    (cmd, env), = calls  # the teacher's own run: the student's profile, config, seed and data, nothing else
+    assert cmd[1:] == ["-m", "models.train", "--model", "xresnet1d101", "--profile", "quick", "--config", "default",
+                       "--set", "seed=3", "--data", str(sample_cache), "--no-progress"]
+    assert env[train_mod.STUDENTS_ENV] == "vit"
+    assert train_mod.main(["--model", "vit", "--data", str(sample_cache), *QUICK,
+                           "--set", f"teacher={tmp_path / 'nope'}"]) == 2
+    assert "nope: no finished run" in one_line_error(capsys) and len(calls) == 1  # a folder is never trained
+    monkeypatch.setenv(train_mod.STUDENTS_ENV, "xresnet1d101")  # vit trains here as xresnet1d101's teacher
+    assert train_mod.main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", "teacher=xresnet1d101"]) == 2
+    assert "would learn from its own student (xresnet1d101 → vit → xresnet1d101)" in one_line_error(capsys)
     assert not (tmp_path / "art").exists()  # nothing written
+
+
+def test_a_missing_teacher_model_is_trained_first_then_the_student_learns_from_it(sample_cache, tmp_path):
+    art = tmp_path / "art"
+    r = run_module("models.train", "--model", "convnext", "--data", sample_cache, *QUICK, "--set",
+                   "teacher=resnet1d_wang", env={"ARTIFACTS": str(art)}, check=True)
+    teacher = art / "runs" / "resnet1d_wang-signal-quick"
+    tcfg = json.loads((teacher / "config.json").read_text())
+    assert "training it first" in r.stdout and (teacher / "metrics.json").exists()
+    assert tcfg["teacher"] is None and tcfg["seed"] == 0 and tcfg["data"] == str(sample_cache)
+    assert tcfg["epochs"] == 2  # the teacher's own quick profile, not the student's --set epochs=1
+    cfg = json.loads((art / "runs" / "convnext-strip-quick-kd" / "config.json").read_text())
+    sha = hashlib.sha256((teacher / "best.safetensors").read_bytes()).hexdigest()
+    assert cfg["teacher_runs"] == [{"name": "resnet1d_wang", "run": str(teacher.resolve()), "sha256": sha}]
+
+
+def test_a_run_another_process_is_training_waits_for_it(quick_resnet_run, sample_cache, tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = tmp_path / quick_resnet_run.name
+    shutil.copytree(quick_resnet_run, run)
+    args = ["--model", "resnet1d_wang", "--profile", "quick", "--data", sample_cache, "--out", run, "--no-progress",
+            "--set", "max_train_batches=3", "--set", "epochs=1", "--set", "eval_stride_seconds=7.5"]  # as trained
+    with open(run / ".train.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-m", "models.train", *map(str, args)], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        first = proc.stdout.readline()
+        assert "another process is training this run; waiting for it" in first and proc.poll() is None
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "already trained" in rest
 
 
 def test_a_mismatched_or_self_teacher_is_one_line(quick_resnet_run, sample_cache, tmp_path, monkeypatch, capsys):
@@ -154,29 +206,31 @@ def test_a_deit_student_feeds_both_heads_and_never_reads_the_test_fold(quick_res
         assert logits[0].shape == logits[1].shape == teacher.shape and not teacher.requires_grad
 
 
-def test_make_trains_the_teachers_first_then_the_student_with_them(tmp_path):
+def test_make_hands_the_teacher_to_models_train_and_picks_the_matching_run_to_compress(tmp_path):
     from test_make import run_make
 
     rc, calls = run_make(tmp_path, "train-vit", "TEACHER=resnet1d_wang,xresnet1d101", "PROFILE=quick", "SEED=2",
-                         "REPR=rows", "SET=lr=1e-3", "PTBXL_DIR=/data")
-    trains = [c for c in calls if "models.train" in c]
-    assert rc == 0 and len(trains) == 3
-    for teacher, call in zip(("resnet1d_wang", "xresnet1d101"), trains):  # the student's REPR and SET are its own
-        assert f"--model {teacher} --profile quick" in call and "seed=2" in call
-        assert "teacher" not in call and "rows" not in call and "lr=" not in call
-    assert "--model vit" in trains[2] and trains[2].endswith("--set teacher=resnet1d_wang,xresnet1d101")
+                         "REPR=rows", "PTBXL_DIR=/data")
+    trains = [c for c in calls if "models.train" in c]  # models.train trains a missing teacher itself
+    assert rc == 0 and len(trains) == 1 and "--model vit" in trains[0]
+    assert trains[0].endswith("--set seed=2 --set teacher=resnet1d_wang,xresnet1d101")
     rc, calls = run_make(tmp_path, "seeds-deit", "TEACHER=resnet1d_wang", "SEEDS=1 2", "NO_DATA=1")
-    trains = [c for c in calls if "models.train" in c]  # the teacher's seeds 0, 1, 2, then the student's (seed 0 too)
-    assert rc == 0 and [("--model resnet1d_wang" in c, "teacher=resnet1d_wang" in c) for c in trains] == \
-        [(True, False)] * 3 + [(False, True)] * 3
-    rc, calls = run_make(tmp_path, "seeds-all", "TEACHER=resnet1d_wang", "SEEDS=1", "NO_DATA=1")
-    trains = [c for c in calls if "models.train" in c]  # only the 2-D students learn, from the teacher's seed
-    students = [c for c in trains if "teacher=resnet1d_wang" in c]
-    assert rc == 0 and len(trains) == 2 + 4 * 2 and "--model resnet1d_wang" in trains[0]
-    assert sorted(c.split("--model ")[1].split()[0] for c in students) == sorted(["vit", "deit", "effnetv2",
-                                                                                     "convnext"] * 2)
-    rc, calls = run_make(tmp_path, "quantize-vit", "TEACHER=resnet1d_wang")
-    assert rc == 0 and "--kd" in calls[0]
+    trains = [c for c in calls if "models.train" in c]  # the student's seed 0 too: train-all made the profile's
+    assert rc == 0 and len(trains) == 3 and all("--model deit" in c and "teacher=resnet1d_wang" in c for c in trains)
+    rc, calls = run_make(tmp_path, "seeds-all", "TEACHER=none", "SEEDS=1", "NO_DATA=1")
+    trains = [c for c in calls if "models.train" in c]  # the four 2-D families' plain seeds 0 and 1
+    assert rc == 0 and all(c.endswith("--set teacher=none --no-progress") for c in trains)
+    assert sorted(c.split("--model ")[1].split()[0] for c in trains) == sorted(["vit", "deit", "effnetv2",
+                                                                                   "convnext"] * 2)
+    for teacher, flag in (("resnet1d_wang", "--kd"), ("none", "--no-kd")):
+        rc, calls = run_make(tmp_path, "quantize-vit", f"TEACHER={teacher}")
+        assert rc == 0 and calls[0].split()[-3] == flag
+    rc, calls = run_make(tmp_path, "quantize-vit")  # no TEACHER: the run the profile names (compression decides)
+    assert rc == 0 and "kd" not in calls[0]
+    rc, calls = run_make(tmp_path, "all", "TEACHER=none", "PTBXL_DIR=/data")
+    trains = [c for c in calls if "models.train" in c]
+    assert rc == 0 and len(trains) == 6 and all("--set teacher=none" in c for c in trains)
+    assert all("--no-kd" in c for c in calls if "compression." in c)
 
 
 @pytest.mark.parametrize("goal, teacher, message", [
@@ -204,8 +258,10 @@ def test_tuning_with_a_teacher_adds_the_kd_keys_to_the_search(sample_cache, tmp_
     assert "search_distill" not in config_mod.resolve("vit", "quick")
     monkeypatch.setenv("ARTIFACTS", str(tmp_path / "art"))
     assert tune.main(["--model", "vit", "--profile", "quick", "--data", str(sample_cache), "--trials", "1",
-                      "--set", "teacher=resnet1d_wang"]) == 2
-    assert "make train-resnet1d_wang PROFILE=quick" in one_line_error(capsys)
+                      "--set", "teacher=resnet1d_wang"]) == 0
+    assert "teacher resnet1d_wang: no finished run" in capsys.readouterr().out  # so it was trained first
+    trial = json.loads((tmp_path / "art" / "tune" / "vit" / "trials" / "0" / "config.json").read_text())
+    assert {"kd_alpha", "kd_temperature"} <= set(trial) and trial["teacher_runs"][0]["name"] == "resnet1d_wang"
 
 
 def test_summary_shows_each_distilled_run_against_its_plain_twin(tmp_path):
@@ -260,3 +316,29 @@ def test_report_pairs_each_distilled_fp32_model_with_its_plain_twin(tmp_path, mo
                         "representation": "leads", "config": "default", "splits": {"test": {"macro_auc": 0.7}}})
     (pair,) = distilled_vs_plain(results, n_resamples=50)
     assert (pair["artifact"], pair["against"]) == ("vit-leads-cpu-kd-fp32", "vit-leads-cpu-fp32") and pair["delta"] > 0
+
+
+def test_the_cpu_profile_distils_deit_and_convnext_and_teacher_none_turns_it_off(tmp_path, monkeypatch):
+    from models.train import run_name
+    from shared import config as config_mod
+    from shared.runs import find_run
+
+    trained = ("vit", "deit", "effnetv2", "convnext", "resnet1d_wang", "xresnet1d101")  # the models with a config
+    defaults = {m: config_mod.resolve(m, "cpu")["teacher"] for m in trained}
+    assert defaults == {m: "resnet1d_wang" if m in ("deit", "convnext") else None for m in trained}
+    assert config_mod.resolve("deit", "cpu", overrides={"teacher": "none"})["teacher"] is None
+    assert config_mod.resolve("deit", "quick")["teacher"] is None  # measured on cpu only
+    assert run_name(config_mod.resolve("deit", "cpu")) == "deit-leads-cpu-kd"
+    monkeypatch.setenv("ARTIFACTS", str(tmp_path))
+    for name in ("deit-leads-cpu-kd", "deit-leads-cpu"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "best.safetensors").touch()
+    assert find_run("deit", "cpu").name == "deit-leads-cpu-kd"
+    assert find_run("deit", "cpu", distilled=False).name == "deit-leads-cpu"
+    for kw, hint in (({}, "make train-convnext PROFILE=cpu` first"),
+                     ({"distilled": False}, "make train-convnext PROFILE=cpu TEACHER=none` first"),
+                     ({"distilled": True}, "convnext-strip-cpu-kd: no trained model")):
+        with pytest.raises(FileNotFoundError, match=hint):
+            find_run("convnext", "cpu", **kw)
+    with pytest.raises(FileNotFoundError, match="make train-vit PROFILE=cpu TEACHER=<teacher>` first"):
+        find_run("vit", "cpu", distilled=True)
