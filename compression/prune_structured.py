@@ -17,7 +17,8 @@ How:
     TAYLOR_BATCHES training batches before each step. FAMILY_RECIPES changes importance and fine-tune lengths
     for the families the defaults did not recover; a variant made by another recipe than today's is redone.
   * fine-tuning distils from the unpruned parent (frozen, eval mode) on the same random crops the student sees:
-    loss = (1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)) per class (KD_ALPHA, KD_T; --kd-alpha 0 = plain fine-tuning).
+    loss = (1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)) per class (shared/distill.py; KD_ALPHA, KD_T; --kd-alpha 0 = plain
+    fine-tuning).
   * the artifact is structured.safetensors + shapes.json, rebuilt without pickle by shared/structured.py.
   * --then-int8 also writes the pruned network's OpenVINO NNCF int8 IR to structured_openvino_int8/ (the same
     conversion and calibration as compression/openvino_export.py).
@@ -47,6 +48,7 @@ from shared.runs import channels_last_if_configured, checkpoint_sha256, load_run
 from shared.variants import finished_variant, recipe_changed
 from shared.cache import open_cache
 from shared.dataset import ECGDataset, make_loader
+from shared.distill import kd_loss
 from shared.io import first_line, library_versions, read_json, sha256_file, write_json_atomic
 from shared.nets import count_parameters
 from shared.paths import compressed_dir, data_cache_dir
@@ -289,17 +291,6 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: float, by: 
 
 
 # ------------------------------------------------------------------ fine-tuning with distillation
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, alpha: float = KD_ALPHA,
-            temperature: float = KD_T) -> torch.Tensor:
-    """(1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)), averaged over records and classes: each class is its own binary
-    problem (multi-label), so the teacher's soft target is its sigmoid, not a softmax over classes."""
-    hard = F.binary_cross_entropy_with_logits(student, targets)
-    if alpha == 0 or teacher is None:
-        return hard
-    soft = F.binary_cross_entropy_with_logits(student / temperature, torch.sigmoid(teacher / temperature))
-    return (1 - alpha) * hard + alpha * soft
-
-
 def finetune(model: nn.Module, teacher: nn.Module, cfg: dict, cache, adapter: InputAdapter, batches: int, seed: int,
              alpha: float = KD_ALPHA, temperature: float = KD_T, lr_factor: float = FINETUNE_LR_FACTOR,
              desc: str = "fine-tune") -> float:
@@ -322,7 +313,7 @@ def finetune(model: nn.Module, teacher: nn.Module, cfg: dict, cache, adapter: In
             inputs = adapter.train_input(x, gen)
             with torch.no_grad():
                 t = teacher(inputs).float() if alpha > 0 else None
-            losses.append(train_step(model, opt, lambda s, target: kd_loss(s, t, target, alpha, temperature),
+            losses.append(train_step(model, opt, lambda s, target: kd_loss(s, target, t, alpha, temperature),
                                      inputs, y, torch.device("cpu"), False, cfg["grad_clip"]))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()

@@ -1,8 +1,7 @@
 """Distillation from a teacher run (`TEACHER=`, shared/distill.py): DeiT's two heads and their two targets, what a
 distilled run records, a missing teacher model trained first (one run folder trained by one process at a time),
 one-line refusals of a missing, mismatched or self teacher, the test fold left alone, the profile's default teacher
-and TEACHER=none, and the summary's distilled-vs-plain table. The per-class KD formula on single
-logits is tested in test_openvino.py."""
+and TEACHER=none, and the summary's distilled-vs-plain table."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +23,21 @@ QUICK = ["--profile", "quick", "--no-progress", "--set", "epochs=1", "--set", "m
 def bce(p_logits, target):
     p = torch.sigmoid(p_logits)
     return -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+
+
+def test_kd_loss_is_the_formula_and_bce_at_alpha_0():
+    from shared.distill import WithTeacher
+
+    s = torch.tensor([[2.0, -1.0, 0.5]])
+    t = torch.tensor([[1.0, 0.0, -3.0]])
+    y = torch.tensor([[1.0, 0.0, 1.0]])
+    alpha, temp = 0.3, 2.0
+
+    expected = (1 - alpha) * bce(s, y) + alpha * bce(s / temp, torch.sigmoid(t / temp))
+    assert kd_loss(s, y, t, alpha, temp).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kd_loss(s, y, t, 0.0, temp).item() == pytest.approx(bce(s, y).item(), rel=1e-6)
+    assert WithTeacher(alpha, temp)(s, (y, t)).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kd_loss(t, y, t, 1.0, temp) < kd_loss(t + 0.5, y, t, 1.0, temp)  # pure KD: least where s copies t
 
 
 def test_deit_two_head_loss_is_labels_on_the_class_head_and_teacher_on_the_distillation_head():

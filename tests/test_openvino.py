@@ -147,25 +147,6 @@ def test_compression_records_the_change_and_warns(tmp_path, capsys):
     assert "effnetv2/static loses 0.1600" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ distillation loss (QAT, structured recovery)
-def test_kd_loss_is_the_formula_and_bce_at_alpha_0():
-    from shared.distill import WithTeacher, kd_loss
-
-    s = torch.tensor([[2.0, -1.0, 0.5]])
-    t = torch.tensor([[1.0, 0.0, -3.0]])
-    y = torch.tensor([[1.0, 0.0, 1.0]])
-    alpha, temp = 0.3, 2.0
-
-    def bce(logits, target):
-        p = torch.sigmoid(logits)
-        return -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
-
-    expected = (1 - alpha) * bce(s, y) + alpha * bce(s / temp, torch.sigmoid(t / temp))
-    assert kd_loss(s, y, t, alpha, temp).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert kd_loss(s, y, t, 0.0, temp).item() == pytest.approx(bce(s, y).item(), rel=1e-6)
-    assert WithTeacher(alpha, temp)(s, (y, t)).item() == pytest.approx(expected.item(), rel=1e-6)
-
-
 def test_the_op_profile_accounts_for_the_whole_forward(exported):
     from compression.profile_openvino import profile
 
