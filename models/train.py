@@ -543,8 +543,9 @@ STUDENTS_ENV = "MODELS_TRAIN_STUDENTS"  # the students waiting on this process's
 
 def train_missing_teacher(name: str, run: Path, cfg: dict, data_dir: Path, progress: bool = True) -> None:
     """A teacher named by its model and not trained yet is trained now, as `make train-<teacher>` would: the
-    student's profile, config, seed and data, its own default representation, in a process of its own."""
-    if name not in MODELS or finished(run):
+    student's profile, config, seed and data, its own default representation, in a process of its own. Not under
+    torchrun, whose every rank would start one: there check_teacher asks for it first."""
+    if name not in MODELS or finished(run) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     waiting = [m for m in os.environ.get(STUDENTS_ENV, "").split(",") if m]
     if name in waiting:

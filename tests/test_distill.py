@@ -121,6 +121,10 @@ def test_a_missing_teacher_folder_or_a_teacher_that_fails_to_train_is_one_line(s
     assert train_mod.main(["--model", "vit", "--data", str(sample_cache), *QUICK,
                            "--set", f"teacher={tmp_path / 'nope'}"]) == 2
     assert "nope: no finished run" in one_line_error(capsys) and len(calls) == 1  # a folder is never trained
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun every rank would train it: asked for instead
+    assert train_mod.main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", "teacher=xresnet1d101"]) == 2
+    assert "train it first: make train-xresnet1d101 PROFILE=quick" in one_line_error(capsys) and len(calls) == 1
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv(train_mod.STUDENTS_ENV, "xresnet1d101")  # vit trains here as xresnet1d101's teacher
     assert train_mod.main(["--model", "vit", "--data", str(sample_cache), *QUICK, "--set", "teacher=xresnet1d101"]) == 2
     assert "would learn from its own student (xresnet1d101 → vit → xresnet1d101)" in one_line_error(capsys)
