@@ -241,8 +241,8 @@ def test_bad_arguments_give_one_error_line(tmp_path, quick_resnet_run):
 
 
 def test_family_recipes_and_variants_of_another_recipe_are_redone(tmp_path):
-    """effnetv2, xresnet1d101 and vit prune with their own recipe (the defaults lost too much val AUC, or left
-    vit's int8 at the edge of 4×); a finished variant made by another recipe is redone, one made by today's is
+    """effnetv2, xresnet1d101, deit and vit prune with their own recipe (the defaults lost too much val AUC, or
+    left vit's int8 at the edge of 4×); a finished variant made by another recipe is redone, one made by today's is
     kept."""
     from compression.prune_structured import RECIPE_KEYS, recipe
     from shared.variants import recipe_changed
@@ -251,6 +251,7 @@ def test_family_recipes_and_variants_of_another_recipe_are_redone(tmp_path):
     assert eff == {"target": 0.4, "by": "params", "importance": "taylor", "step_batches": 50, "finetune_epochs": 4}
     vit = recipe({"model": "vit", "profile": "cpu"}, None, None, None)
     assert vit["importance"] == "magnitude" and vit["target"] == 0.5
+    assert recipe({"model": "deit", "profile": "cpu"}, None, None, None)["importance"] == "taylor"
     assert recipe({"model": "effnetv2", "profile": "quick"}, None, None, None)["step_batches"] < 50
     assert recipe({"model": "effnetv2", "profile": "cpu"}, "magnitude", 7, 0, 0.3, "macs") == {
         "target": 0.3, "by": "macs", "importance": "magnitude", "step_batches": 7,
