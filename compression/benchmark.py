@@ -42,9 +42,10 @@ from shared.inputs import InputAdapter
 from shared.prediction import autocast, predict_dataset, scores
 
 VARIANTS = ("fp32", "bf16", "prune", "structured", "dynamic", "static", "qat", "onnx_fp32", "onnx_int8",
-            "openvino_fp32", "openvino_int8", "structured_openvino_int8")
-# the fp32 row of the same runtime, for "× same runtime fp32"
-RUNTIME_FP32 = {"onnx_int8": "onnx_fp32", "openvino_int8": "openvino_fp32", "structured_openvino_int8": "openvino_fp32"}
+            "openvino_fp32", "openvino_int8", "structured_openvino_fp32", "structured_openvino_int8")
+# the fp32 row of the same runtime, for "× same runtime fp32": what int8 alone, or pruning alone, buys there
+RUNTIME_FP32 = {"onnx_int8": "onnx_fp32", "openvino_int8": "openvino_fp32",
+                "structured_openvino_fp32": "openvino_fp32", "structured_openvino_int8": "structured_openvino_fp32"}
 BATCHES = (1, 32)
 THREADS = (1, 2)
 ROUNDS = 4         # alternating rounds of a variant's and the fp32 model's forwards per setting
@@ -163,7 +164,7 @@ def measure(variant, run, root, fp32, cfg, cache, adapter, run_metrics, inputs) 
         test = m["test"]["macro_auc"] if "test" in m else evaluated_test_auc(run.name, variant, vdir)
     # the network the variant computes, for its parameters and MACs (int8 graphs and runtimes hide theirs)
     network = model if variant in ("fp32", "bf16", "prune", "structured") else \
-        load_variant(root / "structured")[0] if variant == "structured_openvino_int8" else fp32
+        load_variant(root / "structured")[0] if variant.startswith("structured_openvino") else fp32
     if variant != "prune":
         total, nonzero = nonzero_parameters(network.state_dict())
     else:

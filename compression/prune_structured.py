@@ -20,8 +20,9 @@ How:
     loss = (1−α)·BCE(s, y) + α·BCE(σ(s/T), σ(t/T)) per class (shared/distill.py; KD_ALPHA, KD_T; --kd-alpha 0 = plain
     fine-tuning).
   * the artifact is structured.safetensors + shapes.json, rebuilt without pickle by shared/structured.py.
-  * --then-int8 also writes the pruned network's OpenVINO NNCF int8 IR to structured_openvino_int8/ (the same
-    conversion and calibration as compression/openvino_export.py).
+  * --then-int8 also writes the pruned network's OpenVINO fp32 IR to structured_openvino_fp32/ (what pruning buys
+    in a graph runtime, without eager PyTorch's per-module cost) and its NNCF int8 IR to
+    structured_openvino_int8/ (the same conversion and calibration as compression/openvino_export.py).
 
 Why magnitude importance and α = 0.5: docs/benchmarks.md ("Structured pruning: importance and distillation").
 Scored on the validation fold only (eval-all reads test once). A finished variant of the run's present
@@ -62,6 +63,7 @@ from shared.training import train_step
 # Knobs
 METHOD = "structured"
 INT8_VARIANT = "structured_openvino_int8"
+FP32_IR_VARIANT = "structured_openvino_fp32"
 IMPORTANCE = "magnitude"       # magnitude | taylor (docs/benchmarks.md: magnitude won 3 of 4)
 FAMILY_RECIPES = {             # where the defaults lost val AUC or speed on the sample's cpu run (docs/benchmarks.md)
     "xresnet1d101": {"importance": "taylor", "step_batches": 50, "finetune_epochs": 4},  # + int8 −0.0022 (−0.0048
@@ -501,9 +503,9 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
         s = None
     results = {METHOD: done}
     if then_int8:
-        results[INT8_VARIANT] = int8_variant(run_dir, source_sha256, model, run_cfg, cache, adapter, root, out, force,
-                                             calibration_batches or (QUICK_CALIBRATION_BATCHES if quick
-                                                                     else CALIBRATION_BATCHES))
+        results.update(openvino_variants(run_dir, source_sha256, model, run_cfg, cache, adapter, root, out, force,
+                                         calibration_batches or (QUICK_CALIBRATION_BATCHES if quick
+                                                                 else CALIBRATION_BATCHES)))
     if s is None:
         s = speed(channels_last_if_configured(model, cfg), channels_last_if_configured(parent, cfg), windows,
                   speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
@@ -511,42 +513,47 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     return results
 
 
-def int8_variant(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict, cache, adapter: InputAdapter,
-                 root: Path, structured_dir: Path, force: bool, batches: int) -> dict:
-    """OpenVINO NNCF int8 of the pruned network (structured + int8: the deploy candidate), made as
-    compression/openvino_export.py makes openvino_int8 from the unpruned one."""
+def openvino_variants(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict, cache, adapter: InputAdapter,
+                      root: Path, structured_dir: Path, force: bool, batches: int) -> dict:
+    """The pruned network as an OpenVINO fp32 IR (what pruning alone buys in the deploy runtime, against the
+    run's openvino_fp32) and its NNCF int8 (structured + int8: the deploy candidate), made as
+    compression/openvino_export.py makes openvino_fp32 and openvino_int8 from the unpruned network."""
     from compression import openvino_export as ove
 
-    out = root / INT8_VARIANT
+    fp32_out, out = root / FP32_IR_VARIANT, root / INT8_VARIANT
     structured_sha = sha256_file(structured_dir / WEIGHTS_FILE)
-    done = finished_variant(out, run_dir, source_sha256, force or ove.int8_recipe_changed(out, cfg["model"]))
-    if done is not None:
-        if read_json(out / "variant.json").get("structured_sha256") == structured_sha:
+    done = {v: finished_variant(root / v, run_dir, source_sha256, force or (
+        v == INT8_VARIANT and ove.int8_recipe_changed(out, cfg["model"]))) for v in (FP32_IR_VARIANT, INT8_VARIANT)}
+    if all(d is not None for d in done.values()):
+        if all(read_json(root / v / "variant.json").get("structured_sha256") == structured_sha for v in done):
             return done
-        print(f"{out}: made from another structured.safetensors: redoing it", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)
+        print(f"{root}/structured_openvino_*: made from another structured.safetensors: redoing them", flush=True)
     compare = ove.val_windows(cache, adapter)
     fp32_auc = read_json(structured_dir / "metrics.json")["val"]["macro_auc"]
     # the deploy candidate must stay within the budget of the run's fp32 model: what pruning lost is spent
     lost = read_json(run_dir / "metrics.json")["val"]["macro_auc"] - fp32_auc
     budget = max(ove.AUC_BUDGET - max(lost, 0.0), MIN_INT8_BUDGET) if lost < ove.AUC_BUDGET else ove.AUC_BUDGET
-    t0 = time.time()
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory(prefix=".fp32-ir-", dir=out) as tmp:
-            converted = ove.convert_fp32(model, cfg["model"], compare, Path(tmp))
-            info = ove.quantize_int8(Path(tmp) / "model.xml", out, cache, adapter, cfg, batches, fp32_auc, budget)
-    except Exception as e:  # the converter or NNCF cannot handle this network
-        raise PruningFailed(f"{run_dir.name}/{INT8_VARIANT}: {type(e).__name__}: {first_line(e)}") from e
-    seconds = time.time() - t0
-    info.update(artifact="model.xml", weights="model.bin", method="openvino_int8", source=METHOD,
-                structured_sha256=structured_sha, fp32_ir_max_abs_logit_diff_vs_torch=converted[
-                    "max_abs_logit_diff_vs_torch"], run=str(run_dir.resolve()), source_sha256=source_sha256,
-                model=cfg["model"], representation=cfg["representation"], seconds=round(seconds, 1),
-                versions={**library_versions(), **_versions()})
-    return ove.record_ir(out, info, run_dir, model, cache, adapter, compare, f"{run_dir.name}/{INT8_VARIANT}", seconds)
+    common = dict(artifact="model.xml", weights="model.bin", source=METHOD, structured_sha256=structured_sha,
+                  run=str(run_dir.resolve()), source_sha256=source_sha256, model=cfg["model"],
+                  representation=cfg["representation"], versions={**library_versions(), **_versions()})
+    results = {}
+    for variant, folder in ((FP32_IR_VARIANT, fp32_out), (INT8_VARIANT, out)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").unlink(missing_ok=True)  # a half-redone variant must not pass as finished
+        t0 = time.time()
+        try:
+            if variant == FP32_IR_VARIANT:
+                info = converted = ove.convert_fp32(model, cfg["model"], compare, folder)
+            else:
+                info = ove.quantize_int8(fp32_out / "model.xml", out, cache, adapter, cfg, batches, fp32_auc, budget)
+        except Exception as e:  # the converter or NNCF cannot handle this network
+            raise PruningFailed(f"{run_dir.name}/{variant}: {type(e).__name__}: {first_line(e)}") from e
+        seconds = time.time() - t0
+        info.update(common, method=variant.replace("structured_", ""), seconds=round(seconds, 1),
+                    fp32_ir_max_abs_logit_diff_vs_torch=converted["max_abs_logit_diff_vs_torch"])
+        results[variant] = ove.record_ir(folder, info, run_dir, model, cache, adapter, compare,
+                                         f"{run_dir.name}/{variant}", seconds)
+    return results
 
 
 def _structured_bytes(out: Path) -> int:

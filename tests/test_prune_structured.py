@@ -207,8 +207,15 @@ def test_pruned_network_converts_to_openvino_within_1e_4(pruned_resnet, sample_c
     assert np.abs(got - reference).max() < 1e-4
 
 
-def test_then_int8_writes_an_openvino_int8_variant_of_the_pruned_network(pruned_vit, sample_cache):
+def test_then_int8_writes_an_openvino_fp32_and_int8_variant_of_the_pruned_network(pruned_vit, sample_cache):
     run, root, _ = pruned_vit
+    fp32 = root / "structured_openvino_fp32"
+    info = json.loads((fp32 / "variant.json").read_text())
+    assert info["method"] == "openvino_fp32" and info["source"] == "structured"
+    assert info["max_abs_logit_diff_vs_torch"] < 1e-4  # the pruned network itself, in OpenVINO
+    assert json.loads((fp32 / "metrics.json").read_text())["val"]["macro_auc"] == pytest.approx(
+        json.loads((root / "structured" / "metrics.json").read_text())["val"]["macro_auc"], abs=1e-4)
+    assert load_variant(fp32)[0](_windows(run, sample_cache)).shape[1] == 5
     folder = root / "structured_openvino_int8"
     info = json.loads((folder / "variant.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -227,7 +234,7 @@ def test_rerun_skips_finished_variants(pruned_vit, sample_cache):
     rc, stdout, stderr = _main("--run", run, "--data", sample_cache, "--out", root.parent, "--then-int8",
                                "--speed-rounds", "1")
     assert rc == 0, stderr
-    assert stdout.count("done already") == 2
+    assert stdout.count("done already") == 3  # structured, and its OpenVINO fp32 and int8
     assert "speed (1 thread)" in stdout
     assert (root / "structured" / "structured.safetensors").stat().st_mtime_ns == before
 
