@@ -168,7 +168,7 @@ compress-all: $(VENV_STAMP)  ## every compression and export of every trained mo
 	  $(addprefix quantize-,$(TRAIN_ORDER)) $(addprefix prune-,$(TRAIN_ORDER)) $(addprefix export-,$(TRAIN_ORDER)) \
 	  $(addprefix export-openvino-,$(TRAIN_ORDER)) $(addprefix prune-structured-,$(wordlist 2,99,$(TRAIN_ORDER)))
 
-prune-structured-%: $(VENV_STAMP)  ## structured pruning (channels / heads / MLP units, 40 % of parameters, vit 50 %) + distillation fine-tune, then its OpenVINO int8
+prune-structured-%: $(VENV_STAMP)  ## structured pruning (channels / heads / MLP units, 40 % of parameters, vit 50 %) + distillation fine-tune, then its OpenVINO fp32 IR and int8
 	$(PYTHON) -m compression.prune_structured --model $* --profile $(PROFILE) $(if $(REPR),--representation $(REPR)) $(KD_RUN) --then-int8
 
 export-openvino-%: $(VENV_STAMP)  ## OpenVINO fp32 IR + NNCF int8 (calibrated as static int8) of a trained model's run
