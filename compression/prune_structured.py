@@ -536,24 +536,33 @@ def openvino_variants(run_dir: Path, source_sha256: str, model: nn.Module, cfg: 
     common = dict(artifact="model.xml", weights="model.bin", source=METHOD, structured_sha256=structured_sha,
                   run=str(run_dir.resolve()), source_sha256=source_sha256, model=cfg["model"],
                   representation=cfg["representation"], versions={**library_versions(), **_versions()})
-    results = {}
-    for variant, folder in ((FP32_IR_VARIANT, fp32_out), (INT8_VARIANT, out)):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").unlink(missing_ok=True)  # a half-redone variant must not pass as finished
-        t0 = time.time()
-        try:
-            if variant == FP32_IR_VARIANT:
-                info = converted = ove.convert_fp32(model, cfg["model"], compare, folder)
-            else:
-                info = ove.quantize_int8(fp32_out / "model.xml", out, cache, adapter, cfg, batches, fp32_auc, budget)
-        except Exception as e:  # the converter or NNCF cannot handle this network
-            raise PruningFailed(f"{run_dir.name}/{variant}: {type(e).__name__}: {first_line(e)}") from e
-        seconds = time.time() - t0
-        info.update(common, method=variant.replace("structured_", ""), seconds=round(seconds, 1),
-                    fp32_ir_max_abs_logit_diff_vs_torch=converted["max_abs_logit_diff_vs_torch"])
-        results[variant] = ove.record_ir(folder, info, run_dir, model, cache, adapter, compare,
-                                         f"{run_dir.name}/{variant}", seconds)
+
+    def record(variant: str, folder: Path, made: dict) -> dict:
+        return ove.record_ir(folder, {**made["info"], **common}, run_dir, model, cache, adapter, compare,
+                             f"{run_dir.name}/{variant}", made["seconds"])
+
+    fp32 = _ir_variant(run_dir, FP32_IR_VARIANT, fp32_out,
+                       lambda: ove.convert_fp32(model, cfg["model"], compare, fp32_out))
+    results = {FP32_IR_VARIANT: record(FP32_IR_VARIANT, fp32_out, fp32)}
+    int8 = _ir_variant(run_dir, INT8_VARIANT, out, lambda: ove.quantize_int8(
+        fp32_out / "model.xml", out, cache, adapter, cfg, batches, fp32_auc, budget))
+    int8["info"]["fp32_ir_max_abs_logit_diff_vs_torch"] = fp32["info"]["max_abs_logit_diff_vs_torch"]
+    results[INT8_VARIANT] = record(INT8_VARIANT, out, int8)
     return results
+
+
+def _ir_variant(run_dir: Path, variant: str, folder: Path, make) -> dict:
+    """Runs one converter step into folder; a half-redone variant must not pass as finished meanwhile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").unlink(missing_ok=True)
+    t0 = time.time()
+    try:
+        info = make()
+    except Exception as e:  # the converter or NNCF cannot handle this network
+        raise PruningFailed(f"{run_dir.name}/{variant}: {type(e).__name__}: {first_line(e)}") from e
+    seconds = time.time() - t0
+    info.update(method=variant.replace("structured_", ""), seconds=round(seconds, 1))
+    return {"info": info, "seconds": seconds}
 
 
 def _structured_bytes(out: Path) -> int:

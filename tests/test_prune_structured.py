@@ -213,6 +213,7 @@ def test_then_int8_writes_an_openvino_fp32_and_int8_variant_of_the_pruned_networ
     info = json.loads((fp32 / "variant.json").read_text())
     assert info["method"] == "openvino_fp32" and info["source"] == "structured"
     assert info["max_abs_logit_diff_vs_torch"] < 1e-4  # the pruned network itself, in OpenVINO
+    assert "fp32_ir_max_abs_logit_diff_vs_torch" not in info  # that figure belongs to the int8 made from it
     assert json.loads((fp32 / "metrics.json").read_text())["val"]["macro_auc"] == pytest.approx(
         json.loads((root / "structured" / "metrics.json").read_text())["val"]["macro_auc"], abs=1e-4)
     assert load_variant(fp32)[0](_windows(run, sample_cache)).shape[1] == 5
