@@ -469,48 +469,54 @@ def prune_run(run_dir: Path, data_dir: Path | None = None, out_root: Path | None
     done = finished_variant(out, run_dir, source_sha256, force or any(recipe_changed(out, key, opts[name], absent, what)
                             for key, name, absent, what in RECIPE_KEYS))
     windows = eval_windows(cache, adapter)
+    rounds = speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS)
     if done is None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # a half-redone variant must not pass as finished
-        try:
-            model, info = make_structured(run_dir, parent, cfg, cache, adapter, out, opts)
-            reloaded = load_structured(out, cfg)  # score what a later stage will load
-            with torch.no_grad():
-                diff = (reloaded(windows) - model(windows)).abs().max().item()
-            if diff > 1e-5:
-                raise ValueError(f"{out / WEIGHTS_FILE}: reloads to different outputs (max |Δ| {diff:.2e})")
-            evaluated = channels_last_if_configured(reloaded, cfg)
-            metrics = validation_scores(evaluated, cache, adapter)
-            s = speed(evaluated, channels_last_if_configured(parent, cfg), windows,
-                      speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
-        except (ValueError, RuntimeError) as e:
-            raise PruningFailed(f"{run_dir.name}/{METHOD}: {type(e).__name__}: {first_line(e)}") from e
-        model = reloaded
-        info.update(finetune_seed=cfg["seed"], method=METHOD, run=str(run_dir.resolve()),
-                    source_sha256=source_sha256, model=cfg["model"], representation=cfg["representation"],
-                    versions={**library_versions(), **_versions()})
-        write_json_atomic(out / "variant.json", info)
-        metrics.update(method=METHOD, run=run_dir.name, artifact_bytes=_structured_bytes(out),
-                       fp32_bytes=(run_dir / "best.safetensors").stat().st_size,
-                       **{k: info[k] for k in ("target", "target_by", "params", "params_parent", "params_reduction",
-                                               "macs", "macs_parent", "macs_reduction", "importance", "kd_alpha",
-                                               "kd_t")}, speed=s)
-        done = record_variant(out, metrics, run_dir, f"{run_dir.name}/{METHOD}",
-                              f", params −{info['params_reduction']:.1%}, MACs −{info['macs_reduction']:.1%}, "
-                              f"{info['seconds']:.0f} s")
+        model, done, s = _make_structured_variant(run_dir, source_sha256, parent, cfg, cache, adapter, out, opts,
+                                                  windows, rounds)
     else:
-        model = load_structured(out, cfg)
-        s = None
+        model, s = load_structured(out, cfg), None
     results = {METHOD: done}
     if then_int8:
         results.update(openvino_variants(run_dir, source_sha256, model, run_cfg, cache, adapter, root, out, force,
                                          calibration_batches or (QUICK_CALIBRATION_BATCHES if quick
                                                                  else CALIBRATION_BATCHES)))
     if s is None:
-        s = speed(channels_last_if_configured(model, cfg), channels_last_if_configured(parent, cfg), windows,
-                  speed_rounds or (QUICK_SPEED_ROUNDS if quick else SPEED_ROUNDS))
+        s = speed(channels_last_if_configured(model, cfg), channels_last_if_configured(parent, cfg), windows, rounds)
     print(speed_line(f"{run_dir.name}/{METHOD}", s, done), flush=True)
     return results
+
+
+def _make_structured_variant(run_dir: Path, source_sha256: str, parent: nn.Module, cfg: dict, cache,
+                             adapter: InputAdapter, out: Path, opts: dict, windows: torch.Tensor, rounds: int):
+    """Prune, save, then score and time what a later stage will load (the reloaded network, not the one in
+    memory); (network, metrics, speed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a half-redone variant must not pass as finished
+    try:
+        model, info = make_structured(run_dir, parent, cfg, cache, adapter, out, opts)
+        reloaded = load_structured(out, cfg)
+        with torch.no_grad():
+            diff = (reloaded(windows) - model(windows)).abs().max().item()
+        if diff > 1e-5:
+            raise ValueError(f"{out / WEIGHTS_FILE}: reloads to different outputs (max |Δ| {diff:.2e})")
+        evaluated = channels_last_if_configured(reloaded, cfg)
+        metrics = validation_scores(evaluated, cache, adapter)
+        s = speed(evaluated, channels_last_if_configured(parent, cfg), windows, rounds)
+    except (ValueError, RuntimeError) as e:
+        raise PruningFailed(f"{run_dir.name}/{METHOD}: {type(e).__name__}: {first_line(e)}") from e
+    info.update(finetune_seed=cfg["seed"], method=METHOD, run=str(run_dir.resolve()), source_sha256=source_sha256,
+                model=cfg["model"], representation=cfg["representation"],
+                versions={**library_versions(), **_versions()})
+    write_json_atomic(out / "variant.json", info)
+    metrics.update(method=METHOD, run=run_dir.name, artifact_bytes=_structured_bytes(out),
+                   fp32_bytes=(run_dir / "best.safetensors").stat().st_size,
+                   **{k: info[k] for k in ("target", "target_by", "params", "params_parent", "params_reduction",
+                                           "macs", "macs_parent", "macs_reduction", "importance", "kd_alpha",
+                                           "kd_t")}, speed=s)
+    done = record_variant(out, metrics, run_dir, f"{run_dir.name}/{METHOD}",
+                          f", params −{info['params_reduction']:.1%}, MACs −{info['macs_reduction']:.1%}, "
+                          f"{info['seconds']:.0f} s")
+    return reloaded, done, s
 
 
 def openvino_variants(run_dir: Path, source_sha256: str, model: nn.Module, cfg: dict, cache, adapter: InputAdapter,
@@ -581,6 +587,12 @@ def _versions() -> dict:
     return out
 
 
+def _recipes(key: str) -> str:
+    """The families whose FAMILY_RECIPES set `key`, for --help."""
+    families = ", ".join(f"{family} {recipe[key]}" for family, recipe in FAMILY_RECIPES.items() if key in recipe)
+    return f"; {families}" if families else ""
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -594,24 +606,22 @@ def main(argv=None) -> int:
     add_run_choice(ap, "prune")
     tgt = ap.add_mutually_exclusive_group()
     tgt.add_argument("--target-params", type=_fraction, default=None, metavar="FRACTION",
-                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS}; FAMILY_RECIPES: "
-                          + ", ".join(f"{k} {v['target']}" for k, v in FAMILY_RECIPES.items() if "target" in v) + ")")
+                     help=f"fraction of the parameters to remove (default {TARGET_PARAMS}{_recipes('target')})")
     tgt.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
                      help="fraction of the MACs to remove instead")
     ap.add_argument("--importance", choices=("magnitude", "taylor"), default=None,
-                    help=f"unit importance: group L2 magnitude or first-order Taylor (default {IMPORTANCE}; "
-                         "the families of FAMILY_RECIPES: " + ", ".join(
-                             f"{k} {v['importance']}" for k, v in FAMILY_RECIPES.items() if "importance" in v) + ")")
+                    help=f"unit importance: group L2 magnitude or first-order Taylor (default {IMPORTANCE}"
+                         f"{_recipes('importance')})")
     ap.add_argument("--kd-alpha", type=float, default=KD_ALPHA,
                     help="weight of distillation from the unpruned model; 0 = plain fine-tuning (default %(default)s)")
     ap.add_argument("--kd-t", type=float, default=KD_T, help="distillation temperature (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help=f"pruning steps (default {PRUNE_STEPS})")
     ap.add_argument("--step-batches", type=int, default=None,
                     help=f"fine-tune batches after each step (default {STEP_FINETUNE_BATCHES}, quick "
-                         f"{QUICK_STEP_BATCHES}, FAMILY_RECIPES: effnetv2 50)")
+                         f"{QUICK_STEP_BATCHES}{_recipes('step_batches')})")
     ap.add_argument("--finetune-epochs", type=int, default=None,
-                    help=f"recovery fine-tune epochs after the last step (default {FINETUNE_EPOCHS}, FAMILY_RECIPES: "
-                         "effnetv2 4)")
+                    help=f"recovery fine-tune epochs after the last step (default {FINETUNE_EPOCHS}"
+                         f"{_recipes('finetune_epochs')})")
     ap.add_argument("--finetune-batches", type=int, default=None,
                     help=f"at most this many batches per recovery epoch (default all, quick {QUICK_FINETUNE_BATCHES})")
     ap.add_argument("--lr-factor", type=float, default=FINETUNE_LR_FACTOR,

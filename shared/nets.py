@@ -137,32 +137,10 @@ def _from_file(arch: str, path: Path, kwargs: dict) -> tuple[nn.Module, list[str
     first_convs = {f"{c}.weight" for c in ((first_conv,) if isinstance(first_conv, str) else first_conv)}
     heads = (cfg.classifier if cfg else None) or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
-    # tell timm the file's own class and channel counts, so that it keeps a head of the right size and adapts
-    # the input convolution from the channels the file really has
-    overlay: dict = {"file": str(path), "source": None}
-    file_head = source.get(f"{heads[0]}.weight") if heads else None
-    if file_head is not None and file_head.ndim == 2:
-        overlay["num_classes"] = file_head.shape[0]
-    stem = next((source[k] for k in sorted(first_convs) if k in source and source[k].ndim == 4), None)
-    if stem is not None and cfg is not None and cfg.input_size:
-        overlay["input_size"] = (stem.shape[1], *cfg.input_size[1:])
-    timm_log = logging.getLogger("timm")
-    level = timm_log.level
-    timm_log.setLevel(logging.ERROR)  # its per-key warnings become the one line below
-    try:
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, pretrained_strict=False,
-                                  **kwargs)
-    except Exception as e:
-        sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
-                           r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(e))
-        why = (f"{sizes[0][0]} is {sizes[0][1]} in the file, {sizes[0][2]} in the model"
-               + (f", and {len(sizes) - 1} more" if len(sizes) > 1 else "")) if sizes else first_line(e)
-        raise PretrainedFileError(f"{path}: its weights do not fit {arch} ({why})") from None
-    finally:
-        timm_log.setLevel(level)
-
+    overlay = _file_overlay(path, source, cfg, first_convs, heads)
+    model = _create_from_file(arch, path, overlay, kwargs)
     state = model.state_dict()
+    head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     kept, notes = 0, []
     for key, new in state.items():
         old = source.get(key)
@@ -177,16 +155,7 @@ def _from_file(arch: str, path: Path, kwargs: dict) -> tuple[nn.Module, list[str
     if loaded < len(body) / 2:
         raise PretrainedFileError(f"{path}: only {loaded} of {arch}'s {len(body)} tensors are in the file "
                                   "(weights of another architecture?)")
-    n_classes = kwargs.get("num_classes")
-    file_classes = overlay.get("num_classes")
-    head_names = ", ".join(h for h in heads if f"{h}.weight" in state)
-    if head_names:
-        if file_classes is None:
-            notes.append(f"{head_names} initialised ({n_classes} classes; the file has no classifier)")
-        elif file_classes != n_classes:
-            notes.append(f"{head_names} re-initialised ({file_classes}→{n_classes} classes)")
-        else:
-            notes.append(f"{head_names} kept ({n_classes} classes)")
+    notes += _head_notes(heads, state, kwargs.get("num_classes"), overlay.get("num_classes"))
     missing = [k for k in body if k not in source]
     if missing:
         notes.append(f"not in the file, initialised: {_key_groups(missing)}")
@@ -194,6 +163,49 @@ def _from_file(arch: str, path: Path, kwargs: dict) -> tuple[nn.Module, list[str
     if unused:
         notes.append(f"{len(unused)} tensors of the file unused ({_key_groups(unused)})")
     return model, [f"{kept}/{len(state)} tensors copied as they are", *notes]
+
+
+def _file_overlay(path: Path, source: dict, cfg, first_convs: set, heads: tuple) -> dict:
+    """The file's own class and channel counts, told to timm so that it keeps a head of the right size and
+    adapts the input convolution from the channels the file really has."""
+    overlay: dict = {"file": str(path), "source": None}
+    file_head = source.get(f"{heads[0]}.weight") if heads else None
+    if file_head is not None and file_head.ndim == 2:
+        overlay["num_classes"] = file_head.shape[0]
+    stem = next((source[k] for k in sorted(first_convs) if k in source and source[k].ndim == 4), None)
+    if stem is not None and cfg is not None and cfg.input_size:
+        overlay["input_size"] = (stem.shape[1], *cfg.input_size[1:])
+    return overlay
+
+
+def _create_from_file(arch: str, path: Path, overlay: dict, kwargs: dict) -> nn.Module:
+    import timm
+
+    timm_log = logging.getLogger("timm")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # its per-key warnings become build_model's one line
+    try:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, pretrained_strict=False,
+                                 **kwargs)
+    except Exception as e:
+        sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                           r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(e))
+        why = (f"{sizes[0][0]} is {sizes[0][1]} in the file, {sizes[0][2]} in the model"
+               + (f", and {len(sizes) - 1} more" if len(sizes) > 1 else "")) if sizes else first_line(e)
+        raise PretrainedFileError(f"{path}: its weights do not fit {arch} ({why})") from None
+    finally:
+        timm_log.setLevel(level)
+
+
+def _head_notes(heads: tuple, state: dict, n_classes, file_classes) -> list[str]:
+    head_names = ", ".join(h for h in heads if f"{h}.weight" in state)
+    if not head_names:
+        return []
+    if file_classes is None:
+        return [f"{head_names} initialised ({n_classes} classes; the file has no classifier)"]
+    if file_classes != n_classes:
+        return [f"{head_names} re-initialised ({file_classes}→{n_classes} classes)"]
+    return [f"{head_names} kept ({n_classes} classes)"]
 
 
 def build_model(name: str, representation: str, n_samples: int, num_classes: int = 5, n_leads: int = 12,
@@ -211,6 +223,31 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
         if representation != "signal":
             raise ValueError(f"{name} is a 1-D model: use representation 'signal', not {representation!r}")
         return NETS1D[name](num_classes=num_classes, in_channels=n_leads)
+    _check_2d(name, representation, stem_patch)
+    chans, *spatial = input_shape(representation, n_leads, n_samples, row_repeat)
+    kwargs = dict(num_classes=num_classes, in_chans=chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                  **(timm_kwargs or {}))
+    if name in TRANSFORMERS:
+        kwargs.update(img_size=tuple(spatial), **_patch_size(representation, n_leads, patch_samples, row_repeat))
+    timm_arch = arch or TIMM_FAMILIES[name]
+    notes = None
+    if isinstance(pretrained, (str, os.PathLike)):
+        model, notes = _from_file(timm_arch, Path(pretrained).expanduser(), kwargs)
+    else:
+        model = _create_timm(timm_arch, bool(pretrained), kwargs)
+    if stem_patch:
+        _replace_stem(model, tuple(stem_patch), notes)
+    if representation == "strip":
+        time_only_kernels(model)
+        if notes is not None:
+            notes.append("then every kernel cut to its middle row (strip)")
+    if notes is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretrained weights from {Path(pretrained).expanduser()}: {'; '.join(notes)}", flush=True)
+    return model
+
+
+def _check_2d(name: str, representation: str, stem_patch) -> None:
+    """The input layouts a timm family can take (one line each when it cannot)."""
     if name not in TIMM_FAMILIES:
         raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if representation == "signal":
@@ -220,55 +257,51 @@ def build_model(name: str, representation: str, n_samples: int, num_classes: int
                          "use 'strip', 'rows' or 'seed'")
     if name in TRANSFORMERS and representation == "strip":
         raise ValueError(f"{name} is a transformer: 'strip' is for CNNs; use 'leads' (patches span all 12 leads)")
-    import timm
-
-    chans, *spatial = input_shape(representation, n_leads, n_samples, row_repeat)
-    kwargs = dict(num_classes=num_classes, in_chans=chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                  **(timm_kwargs or {}))
-    if name in TRANSFORMERS:
-        kwargs["img_size"] = tuple(spatial)
-        if representation == "leads":  # every token spans all 12 leads × patch_samples samples
-            kwargs["patch_size"] = (n_leads, patch_samples)
-        elif representation == "seed":  # 182×256 tiles exactly into 14×16 patches (13×16 tokens)
-            kwargs["patch_size"] = (14, 16)
-        elif representation == "rows":
-            kwargs["patch_size"] = (row_repeat, patch_samples)
-    timm_arch = arch or TIMM_FAMILIES[name]
     if stem_patch and name != "convnext":
         raise ValueError(f"stem_patch is a convnext option, not {name}'s")
-    notes = None
-    if isinstance(pretrained, (str, os.PathLike)):
-        model, notes = _from_file(timm_arch, Path(pretrained).expanduser(), kwargs)
-    else:
-        try:
-            model = timm.create_model(timm_arch, pretrained=bool(pretrained), **kwargs)
-        except Exception as e:  # timm raises hub/HTTP/OS errors when pretrained weights cannot be fetched
-            if pretrained:
-                raise PretrainedUnavailable(
-                    f"cannot fetch pretrained weights for {timm_arch} ({type(e).__name__}: {e}); they need the "
-                    "internet (Hugging Face hub) — download them elsewhere and set pretrained = \"/path/to/file"
-                    ".safetensors\", or train from scratch with pretrained = false") from None
-            raise
-    if stem_patch:
-        stem = model.stem[0]  # timm builds the patch stem from an int only (its stride bookkeeping needs one)
-        model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=tuple(stem_patch),
-                                  stride=tuple(stem_patch), bias=stem.bias is not None)
-        if notes is not None:  # keep the pretrained stem, resampled as timm resamples ViT patch embeddings
-            from timm.layers import resample_patch_embed
 
-            with torch.no_grad():
-                model.stem[0].weight.copy_(resample_patch_embed(stem.weight, list(stem_patch)))
-                if stem.bias is not None:
-                    model.stem[0].bias.copy_(stem.bias)
-            notes.append(f"stem.0 {stem.kernel_size[0]}x{stem.kernel_size[1]}→{stem_patch[0]}x{stem_patch[1]} "
-                         "kernel resampled (stem_patch)")
-    if representation == "strip":
-        time_only_kernels(model)
-        if notes is not None:
-            notes.append("then every kernel cut to its middle row (strip)")
-    if notes is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"pretrained weights from {Path(pretrained).expanduser()}: {'; '.join(notes)}", flush=True)
-    return model
+
+def _patch_size(representation: str, n_leads: int, patch_samples: int, row_repeat: int) -> dict:
+    """A transformer's patch grid per layout (timm's own 16×16 otherwise)."""
+    if representation == "leads":  # every token spans all 12 leads × patch_samples samples
+        return {"patch_size": (n_leads, patch_samples)}
+    if representation == "seed":  # 182×256 tiles exactly into 14×16 patches (13×16 tokens)
+        return {"patch_size": (14, 16)}
+    if representation == "rows":
+        return {"patch_size": (row_repeat, patch_samples)}
+    return {}
+
+
+def _create_timm(timm_arch: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(timm_arch, pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm raises hub/HTTP/OS errors when pretrained weights cannot be fetched
+        if pretrained:
+            raise PretrainedUnavailable(
+                f"cannot fetch pretrained weights for {timm_arch} ({type(e).__name__}: {e}); they need the "
+                "internet (Hugging Face hub) — download them elsewhere and set pretrained = \"/path/to/file"
+                ".safetensors\", or train from scratch with pretrained = false") from None
+        raise
+
+
+def _replace_stem(model: nn.Module, stem_patch: tuple[int, int], notes: list | None) -> None:
+    """convnext's patchify stem as a rows × samples kernel; timm builds it from an int only (its stride
+    bookkeeping needs one). A pretrained stem is resampled as timm resamples ViT patch embeddings."""
+    stem = model.stem[0]
+    model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=stem_patch, stride=stem_patch,
+                              bias=stem.bias is not None)
+    if notes is None:
+        return
+    from timm.layers import resample_patch_embed
+
+    with torch.no_grad():
+        model.stem[0].weight.copy_(resample_patch_embed(stem.weight, list(stem_patch)))
+        if stem.bias is not None:
+            model.stem[0].bias.copy_(stem.bias)
+    notes.append(f"stem.0 {stem.kernel_size[0]}x{stem.kernel_size[1]}→{stem_patch[0]}x{stem_patch[1]} "
+                 "kernel resampled (stem_patch)")
 
 
 def time_only_kernels(model: nn.Module) -> nn.Module:
