@@ -23,8 +23,8 @@ SPLITS = ("train", "val", "test")
 VERIFIED = "verified.json"
 
 
-class CacheError(RuntimeError):
-    pass
+class CacheError(ValueError):
+    """A data cache that cannot be used: bad input, which every command reports in one line."""
 
 
 class CacheCorrupt(CacheError):

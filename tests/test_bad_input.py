@@ -104,6 +104,16 @@ def _train_again(run: Path, sample_cache: Path):
     return run_module("models.train", "--model", "resnet1d_wang", "--data", sample_cache, "--out", run, *QUICK_ARGS)
 
 
+@pytest.mark.parametrize("module", ["compression.compress", "compression.prune_structured",
+                                    "compression.export_onnx", "compression.openvino_export"])
+def test_a_missing_data_cache_is_one_line_naming_it(module, quick_resnet_run, tmp_path):
+    proc = run_module(module, "--run", quick_resnet_run, "--out", tmp_path / "compressed",
+                      env={"ARTIFACTS": str(tmp_path)})
+    line = one_error_line(proc)
+    assert str(tmp_path / "data" / "ptbxl-100hz") in line and "make data" in line
+    assert not any((tmp_path / "compressed").rglob("metrics.json"))
+
+
 @pytest.mark.parametrize("damage", ["garbage", "code"])
 def test_damaged_resume_checkpoint_is_one_line_naming_it_and_force(damage, quick_resnet_run, sample_cache, tmp_path):
     import torch
