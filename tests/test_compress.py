@@ -207,7 +207,7 @@ def test_dynamic_int8_heads_do_not_depend_on_the_batch():
 
 
 def test_variants_of_an_earlier_recipe_are_redone(tmp_path, capsys):
-    from compression.compress import ACTIVATION_RANGE, _recipe_changed
+    from compression.compress import ACTIVATION_RANGE, QAT_LR_FACTOR, _recipe_changed
 
     def changed(folder, method, model, alpha=0.5):
         return _recipe_changed(folder, method, {"model": model}, alpha)
@@ -228,4 +228,8 @@ def test_variants_of_an_earlier_recipe_are_redone(tmp_path, capsys):
     qat = tmp_path / "qat"
     qat.mkdir()
     (qat / "variant.json").write_text(json.dumps({"kd_alpha": 0.5}))
+    assert changed(qat, "qat", "vit")  # made before the learning-rate factor was recorded
+    (qat / "variant.json").write_text(json.dumps({"kd_alpha": 0.5, "qat_lr_factor": QAT_LR_FACTOR}))
     assert not changed(qat, "qat", "vit") and changed(qat, "qat", "vit", alpha=0.0)  # --qat-kd-alpha 0: redone
+    (qat / "variant.json").write_text(json.dumps({"kd_alpha": 0.5, "qat_lr_factor": 4 * QAT_LR_FACTOR}))
+    assert changed(qat, "qat", "vit")
