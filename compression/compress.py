@@ -200,8 +200,9 @@ def do_qat(model, cfg, cache, adapter, out: Path, quick: bool, kd_alpha: float =
     converted.eval()
     save_exported(out / "model.pt2", converted, example)
     return {"artifact": "model.pt2", "api": "torchao PT2E QAT + X86InductorQuantizer", "qat_epochs": epochs,
-            "qat_lr": cfg["lr"] * QAT_LR_FACTOR, "qat_lr_factor": QAT_LR_FACTOR, "distilled_from": "the fp32 parent" if teacher else None,
-            "kd_alpha": kd_alpha, "kd_temperature": KD_TEMPERATURE}, converted
+            "qat_lr": cfg["lr"] * QAT_LR_FACTOR, "qat_lr_factor": QAT_LR_FACTOR,
+            "distilled_from": "the fp32 parent" if teacher else None, "kd_alpha": kd_alpha,
+            "kd_temperature": KD_TEMPERATURE}, converted
 
 
 # ------------------------------------------------------------------ driver
