@@ -262,7 +262,7 @@ def test_cnn_int8_tries_asymmetric_activations_before_accuracy_control(sample_ca
     else:
         assert calls[-1] == ("control", getattr(nncf.QuantizationPreset, control.upper()))
         assert info["api"] == ove.ACCURACY_CONTROL and info["preset"] == control
-    assert ove.presets("vit") == ("mixed",)
+    assert ove.presets("vit") == ove.presets("effnetv2") == ("performance", "mixed")
 
 
 def test_an_ir_that_needed_accuracy_control_before_the_presets_is_redone(tmp_path):
@@ -279,3 +279,18 @@ def test_an_ir_that_needed_accuracy_control_before_the_presets_is_redone(tmp_pat
     assert not made(api="nncf.quantize (post-training)")          # plain PTQ within budget: the same either way
     assert made(api=ACCURACY_CONTROL)                               # only symmetric tried before accuracy control
     assert not made(api=ACCURACY_CONTROL, presets=["performance", "mixed"])
+
+
+def test_a_transformer_ir_quantized_with_the_mixed_preset_alone_is_redone(tmp_path):
+    from compression.openvino_export import REST_WEIGHTS, int8_recipe_changed
+    from shared.export_form import export_form
+
+    def made(tried):
+        (tmp_path / "variant.json").write_text(json.dumps({
+            "fp32_modules": [], "export_form": export_form("vit"), "rest_weights": REST_WEIGHTS,
+            "api": "nncf.quantize (post-training)", "presets": tried}))
+        return int8_recipe_changed(tmp_path, "vit")
+
+    assert made(["mixed"])                     # made before transformers tried the symmetric preset first
+    assert not made(["performance"])           # within budget at the first preset
+    assert not made(["performance", "mixed"])  # the symmetric one lost too much: the same either way
