@@ -108,16 +108,16 @@ def int8_recipe_changed(variant_dir: Path, model: str) -> bool:
     accuracy control run before every activation preset was tried)."""
     return (fp32_modules_changed(variant_dir, model) or export_form_changed(variant_dir, model)
             or recipe_changed(variant_dir, "rest_weights", REST_WEIGHTS, "fp32", "leftover fp32 weights stored as")
-            or _presets_changed(Path(variant_dir), model))
+            or _presets_changed(Path(variant_dir)))
 
 
-def _presets_changed(variant_dir: Path, model: str) -> bool:
+def _presets_changed(variant_dir: Path) -> bool:
     """An IR that needed accuracy control must have tried every preset first; one made by plain PTQ must have
     tried today's presets in order up to the one it kept (earlier: transformers tried mixed alone)."""
     path = variant_dir / "variant.json"
     if not path.exists():
         return False
-    info, wanted = read_json(path), list(presets(model))
+    info, wanted = read_json(path), list(PRESETS)
     if info.get("api") == ACCURACY_CONTROL:
         return recipe_changed(variant_dir, "presets", wanted, wanted[:1], "accuracy control after the presets")
     tried = info.get("presets") or wanted[:1]
@@ -166,7 +166,7 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
             "fp32_reason": fp32_reason, "presets": [], "ptq_val_macro_auc_by_preset": {}}
     items = _validation_items(cache, adapter)
     best = None
-    for name in presets(cfg["model"]):  # the fastest preset that keeps the budget, else the least lossy
+    for name in PRESETS:  # the fastest preset that keeps the budget, else the least lossy
         q = nncf.quantize(ir, nncf.Dataset(calib), model_type=model_type, subset_size=len(calib),
                           ignored_scope=ignored, preset=_preset(name))
         q, q_auc = _rest_weights_int8(q, ignored, items, fp32_auc, budget, info)
@@ -189,11 +189,6 @@ def quantize_int8(fp32_xml: Path, out: Path, cache, adapter: InputAdapter, cfg: 
         q, _ = _rest_weights_int8(q, ignored, items, fp32_auc, budget, info, score=False)
     ov.save_model(q, str(out / "model.xml"), compress_to_fp16=False)
     return info
-
-
-def presets(model: str) -> tuple[str, ...]:
-    """NNCF activation presets tried for `model`, fastest first (the same for every family now)."""
-    return PRESETS
 
 
 def _preset(name: str):
